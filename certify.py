@@ -1,0 +1,39 @@
+"""Certifies a trained extractor: Recall@K and CR-Recall@K under QA and CA.
+
+  python certify.py --config=configs/quickstart.py --workdir=runs/quickstart
+
+Reads the latest checkpoint in --workdir; writes results.json, results.md and
+cr_recall.png to <workdir>/certify (or --config.certify.output_dir) and prints
+the table. The logic lives in jaxcert.certification.
+"""
+
+import sys
+
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+from jaxcert import certification, config
+from jaxcert.checkpoint import CheckpointError
+
+config.exit_on_unknown_keys(sys.argv)
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/quickstart.py",
+                                          "Configuration (model, data, certify).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory holding the checkpoints.",
+                               required=True)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  cfg = _CONFIG.value
+  try:
+    certification.certify(cfg, _WORKDIR.value, output_dir=cfg.certify.output_dir)
+  except (ValueError, CheckpointError) as e:
+    raise SystemExit(f"error: {e}") from e
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,25 @@
+"""jaxcert: certified robust image retrieval in JAX.
+
+Deterministic l_inf certificates for rankings (interval bound propagation,
+Kakizaki et al.): ``ibp``, distance bounds, QA/CA rank bounds, verification,
+Recall@K and CR-Recall@K, and Triplet/TBT training.
+"""
+
+from jaxcert.certification import certify, certify_features, embed, feature_boxes
+from jaxcert.distance import box_distance_bounds, pairwise_distance_bounds, pairwise_distances
+from jaxcert.interval import Interval, ibp, input_box, interval_bounds, supported_primitives
+from jaxcert.metrics import certified_queries, cr_recall_at_k, recall_at_k
+from jaxcert.models import LargeCNN, SmallCNN, apply_fn, make_model
+from jaxcert.ranks import (RankBounds, ca_rank_bounds, clean_ranks, qa_rank_bounds, rank_bounds,
+                           verify, verify_top_k)
+from jaxcert.training import train
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Interval", "LargeCNN", "RankBounds", "SmallCNN", "apply_fn", "box_distance_bounds",
+    "ca_rank_bounds", "certified_queries", "certify", "certify_features", "clean_ranks",
+    "cr_recall_at_k", "embed", "feature_boxes", "ibp", "input_box", "interval_bounds",
+    "make_model", "pairwise_distance_bounds", "pairwise_distances", "qa_rank_bounds",
+    "rank_bounds", "recall_at_k", "supported_primitives", "train", "verify", "verify_top_k",
+]

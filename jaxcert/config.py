@@ -1,0 +1,84 @@
+"""The configuration schema shared by every file in ``configs/``.
+
+``base_config()`` returns a locked ``ml_collections.ConfigDict`` holding every key
+that ``train.py`` and ``certify.py`` read; config files change values, never add
+keys, so an unknown ``--config.x=y`` override fails with the key's name.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "fashion_mnist"          # mnist | fashion_mnist | cifar10
+  c.data.data_dir = config_dict.placeholder(str)    # tfds data dir (None: tfds default)
+  c.data.source_dir = config_dict.placeholder(str)  # offline original files
+  c.data.num_queries = 1000
+  c.data.num_candidates = 1000
+  c.data.split_seed = 0                  # draws Q and C from the test split
+
+  c.model = ml_collections.ConfigDict()
+  c.model.arch = "large"                 # small | large
+  c.model.embed_dim = 128
+
+  c.train = ml_collections.ConfigDict()
+  c.train.method = "tbt"                 # triplet | tbt
+  c.train.num_steps = 60_000             # 100 epochs of 600 steps (FMNIST, batch 100)
+  c.train.batch_size = 100               # triplets per step
+  c.train.learning_rate = 1e-3
+  c.train.lr_decay = 0.1
+  c.train.lr_decay_steps = (15_000, 25_200)  # epochs 25 and 42
+  c.train.margin = 1.0                   # triplet margin
+  c.train.eps = 0.2                      # eps_e of the TBT ramp
+  c.train.kappa = 0.5                    # kappa_e of the TBT ramp
+  c.train.ramp_start = 2_000
+  c.train.ramp_end = 10_000
+  c.train.log_every = 200
+  c.train.checkpoint_every = 2_000
+  c.train.max_to_keep = 3
+
+  c.certify = ml_collections.ConfigDict()
+  c.certify.eps = 0.2
+  c.certify.ks = (1, 10, 20, 40)
+  c.certify.batch_size = 250
+  c.certify.output_dir = config_dict.placeholder(str)  # None: <workdir>/certify
+
+  c.lock()
+  return c
+
+
+def check_overrides(args, flag: str = "config") -> None:
+  """Rejects ``--config.a.b=v`` overrides whose key the schema does not have.
+
+  Raises ValueError naming the key, the argument and the keys allowed there.
+  """
+  schema = base_config()
+  prefix = f"--{flag}."
+  for arg in args:
+    if not arg.startswith(prefix):
+      continue
+    path = arg[len(prefix):].split("=", 1)[0]
+    node, walked = schema, []
+    for key in path.split("."):
+      if not isinstance(node, ml_collections.ConfigDict) or key not in node:
+        where = ".".join(walked) or "the top level"
+        allowed = ", ".join(sorted(node.keys())) if isinstance(
+            node, ml_collections.ConfigDict) else "(none: it is a value)"
+        raise ValueError(f"unknown config key {path!r} in {arg!r}: {where} has keys "
+                         f"{allowed}")
+      node = node[key]
+      walked.append(key)
+
+
+def exit_on_unknown_keys(argv) -> None:
+  """For entry points, before ``DEFINE_config_file`` (which applies overrides at once)."""
+  try:
+    check_overrides(argv[1:])
+  except ValueError as e:
+    raise SystemExit(f"error: {e}") from None

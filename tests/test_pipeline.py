@@ -1,0 +1,195 @@
+"""train -> checkpoint -> interrupt -> resume -> certify on tfds mock data."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from jaxcert import certification, losses, training
+from jaxcert.checkpoint import CheckpointError
+from jaxcert.config import base_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(method="tbt"):
+  c = base_config()
+  c.data.name = "fashion_mnist"
+  c.data.data_dir = None
+  c.data.num_queries = 12
+  c.data.num_candidates = 20
+  c.model.arch = "small"
+  c.model.embed_dim = 16
+  c.train.method = method
+  c.train.num_steps = 6
+  c.train.batch_size = 8
+  c.train.lr_decay_steps = (4,)
+  c.train.eps = 0.1
+  c.train.ramp_start = 1
+  c.train.ramp_end = 3
+  c.train.log_every = 1
+  c.train.checkpoint_every = 2
+  c.train.max_to_keep = 2
+  c.certify.eps = 0.05
+  c.certify.ks = (1, 5, 20)
+  c.certify.batch_size = 8
+  return c
+
+
+@pytest.fixture(autouse=True)
+def mock_data(tmp_path, monkeypatch):
+  monkeypatch.setitem(training.data_lib.DEFAULT_SOURCE_DIRS, "fashion_mnist", None)
+  with tfds.testing.mock_data(num_examples=64):
+    yield
+
+
+class Interrupt(Exception):
+  pass
+
+
+def _interrupt_at(step):
+  def log(line):
+    if line.startswith(f"step {step}/"):
+      raise Interrupt(line)
+  return log
+
+
+def test_resume_matches_uninterrupted_run(tmp_path):
+  cfg = tiny_config()
+  full = training.train(cfg, str(tmp_path / "full"), log=lambda s: None)
+  assert full.step == 6
+  with pytest.raises(Interrupt):
+    training.train(cfg, str(tmp_path / "cut"), log=_interrupt_at(5))  # last ckpt: 4
+  lines = []
+  resumed = training.train(cfg, str(tmp_path / "cut"), log=lines.append)
+  assert any("resumed from checkpoint at step 4" in s for s in lines)
+  assert resumed.step == 6
+  for a, b in zip(jax.tree.leaves(full.params), jax.tree.leaves(resumed.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # max_to_keep=2: steps 4 and 6 remain
+  ckpts = sorted(os.listdir(tmp_path / "cut" / "checkpoints"))
+  assert ckpts == ["4", "6"], ckpts
+  # a progress line has loss, eps/kappa, rate and ETA
+  assert any("steps/s" in s and "ETA" in s and "kappa" in s for s in lines)
+
+
+def test_certify_writes_report(tmp_path, capsys):
+  cfg = tiny_config()
+  training.train(cfg, str(tmp_path), log=lambda s: None)
+  res = certification.certify(cfg, str(tmp_path))
+  out = tmp_path / "certify"
+  with open(out / "results.json") as f:
+    saved = json.load(f)
+  assert saved["num_queries"] == 12 and saved["num_candidates"] == 20
+  assert saved["eps"] == 0.05 and saved["checkpoint_step"] == 6
+  assert not set(saved["query_indices"]) & set(saved["candidate_indices"])
+  m = saved["metrics"]
+  for k in ("1", "5", "20"):
+    for key in ("cr_recall_qa", "cr_recall_ca"):
+      assert m[key][k] <= m[f"{key}_one_sided"][k] <= m["recall"][k]
+  assert m["recall"]["1"] <= m["recall"]["5"] <= m["recall"]["20"]
+  with open(out / "cr_recall.png", "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  table = (out / "results.md").read_text()
+  assert "CR-Recall" in table and "| Recall@K |" in table
+  assert "CR-Recall" in capsys.readouterr().out
+  assert res["metrics"] == saved["metrics"]
+
+
+def test_failed_certify_leaves_nothing(tmp_path):
+  cfg = tiny_config()
+  training.train(cfg, str(tmp_path), log=lambda s: None)
+  cfg.certify.ks = (1, 21)  # K > |C| = 20
+  with pytest.raises(ValueError, match=r"K must satisfy 1 <= K <= \|C\| = 20"):
+    certification.certify(cfg, str(tmp_path))
+  cfg.certify.ks = (1,)
+  cfg.certify.eps = -0.1
+  with pytest.raises(ValueError, match=r"config.certify.eps.*-0.1"):
+    certification.certify(cfg, str(tmp_path))
+  assert not [p for p in os.listdir(tmp_path) if p.startswith("certify")]
+
+
+def test_report_write_is_atomic(tmp_path, monkeypatch):
+  from jaxcert import report
+  cfg = tiny_config()
+  training.train(cfg, str(tmp_path), log=lambda s: None)
+  certification.certify(cfg, str(tmp_path))
+  before = (tmp_path / "certify" / "results.json").read_text()
+
+  def boom(*a, **k):
+    raise RuntimeError("plot failed")
+
+  monkeypatch.setattr(report, "plot", boom)
+  cfg.certify.eps = 0.01
+  with pytest.raises(RuntimeError, match="plot failed"):
+    certification.certify(cfg, str(tmp_path))
+  assert (tmp_path / "certify" / "results.json").read_text() == before
+  assert sorted(os.listdir(tmp_path)) == ["certify", "checkpoints", "config.json"]
+
+
+def test_missing_and_corrupt_checkpoint(tmp_path):
+  cfg = tiny_config()
+  with pytest.raises(CheckpointError, match="does not exist"):
+    certification.certify(cfg, str(tmp_path / "nope"))
+  os.makedirs(tmp_path / "empty")
+  with pytest.raises(CheckpointError, match="empty"):
+    certification.certify(cfg, str(tmp_path / "empty"))
+  training.train(cfg, str(tmp_path / "run"), log=lambda s: None)
+  step_dir = tmp_path / "run" / "checkpoints" / "6"
+  for root, _, files in os.walk(step_dir):
+    for name in files:
+      if name != "_CHECKPOINT_METADATA":
+        with open(os.path.join(root, name), "wb") as f:
+          f.write(b"garbage")
+  with pytest.raises(CheckpointError, match="6"):
+    certification.certify(cfg, str(tmp_path / "run"))
+  assert not os.path.exists(tmp_path / "run" / "certify")
+
+
+def test_non_finite_loss_stops_with_step(tmp_path, monkeypatch):
+  cfg = tiny_config(method="triplet")
+  monkeypatch.setattr(losses, "triplet_loss", lambda *a, **k: np.float32(np.nan) * a[0][:, 0])
+  with pytest.raises(FloatingPointError, match="at step 0"):
+    training.train(cfg, str(tmp_path), log=lambda s: None)
+  assert not os.path.exists(tmp_path / "checkpoints" / "1")
+
+
+def test_bad_train_config(tmp_path):
+  cfg = tiny_config()
+  cfg.train.eps = -1.0
+  with pytest.raises(ValueError, match=r"config.train.eps.*-1.0"):
+    training.train(cfg, str(tmp_path))
+  cfg = tiny_config(method="nope")
+  with pytest.raises(ValueError, match="config.train.method"):
+    training.train(cfg, str(tmp_path))
+
+
+def test_bad_images():
+  from jaxcert import models
+  g, p = models.split(models.make_model("small", (28, 28, 1), embed_dim=4))
+  apply = models.apply_fn(g)
+  x = np.full((2, 28, 28, 1), 0.5, np.float32)
+  x[1, 3, 4, 0] = np.nan
+  with pytest.raises(ValueError, match=r"NaN.*\(1, 3, 4, 0\)"):
+    certification.embed(apply, p, x)
+  with pytest.raises(ValueError, match=r"\[0.0, 255.0\]"):
+    certification.feature_boxes(apply, p, np.full((2, 28, 28, 1), 255.0), 0.1)
+  with pytest.raises(ValueError, match=r"shape \[N, H, W, C\]"):
+    certification.embed(apply, p, np.zeros((28, 28)))
+  with pytest.raises(ValueError, match=r"eps=-0.5"):
+    certification.feature_boxes(apply, p, np.zeros((1, 28, 28, 1)), -0.5)
+
+
+def test_cli_rejects_unknown_config_key(tmp_path):
+  for script in ("train.py", "certify.py"):
+    r = subprocess.run([sys.executable, script, f"--workdir={tmp_path}",
+                        "--config.train.no_such_key=1"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode != 0
+    assert "unknown config key 'train.no_such_key'" in r.stderr
+    assert "batch_size" in r.stderr  # lists the allowed keys
