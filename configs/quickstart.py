@@ -20,4 +20,6 @@ def get_config(method: str = "tbt"):
   c.train.log_every = 250
   c.train.checkpoint_every = 500
   c.certify.eps = 0.1
+  c.certify.attack_steps = 10            # paper: 100 (10 steps of eps/10 span the ball)
+  c.certify.ca_sources = 10              # paper: 100
   return c

@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 
 from jaxcert import data as data_lib
-from jaxcert import distance, metrics, models, ranks, report, training, validate
+from jaxcert import attacks, distance, metrics, models, ranks, report, training, validate
 from jaxcert.interval import Interval, ibp, input_box
 
 
@@ -35,10 +35,15 @@ def _batched(fn, images: np.ndarray, batch_size: int):
 
 
 def embed(apply, params, images: np.ndarray, *, batch_size: int = 256) -> np.ndarray:
-  """Clean features f(x): images float [N, H, W, C] in [0, 1] -> [N, d]."""
+  """Clean features f(x): images float [N, H, W, C] in [0, 1] -> [N, d].
+
+  Runs matrix products at full float32 precision (no TF32/bf16 passes), the
+  precision the certificates are stated for.
+  """
   validate.check_images(images)
-  fn = jax.jit(apply)
-  return _batched(lambda x: fn(params, x), images, batch_size)
+  with jax.default_matmul_precision("highest"):
+    fn = jax.jit(apply)
+    return _batched(lambda x: fn(params, x), images, batch_size)
 
 
 def feature_boxes(apply, params, images: np.ndarray, eps: float, *,
@@ -84,6 +89,24 @@ def certify_features(query_features, query_boxes: Interval, query_labels,
   return out
 
 
+def _attack(apply, params, qx, ql, qf, cx, cl, cf, eps, ks, c, log, seconds) -> dict:
+  """ER-Recall@K (Eq. 23, 24) from PGD query and candidate attacks."""
+  kw = dict(steps=c.attack_steps, step_size=c.attack_step_size, seed=c.attack_seed)
+  t0 = time.perf_counter()
+  adv, _ = attacks.query_attack(apply, params, qx, ql, cf, cl, eps, **kw)
+  er_qa = attacks.er_recall_qa(embed(apply, params, adv), cf, ql, cl, ks)
+  t1 = time.perf_counter()
+  log(f"QA attack ({len(qx)} queries, {c.attack_steps} steps): {t1 - t0:.1f}s")
+  src, feats = attacks.candidate_attack(apply, params, qf, ql, cx, cf, cl, eps,
+                                        num_sources=c.ca_sources, **kw)
+  er_ca = attacks.er_recall_ca(qf, cf, src, feats, ql, cl, ks)
+  t2 = time.perf_counter()
+  log(f"CA attack ({len(qx)} x {c.ca_sources} sources, {c.attack_steps} steps): "
+      f"{t2 - t1:.1f}s")
+  seconds.update(qa_attack=t1 - t0, ca_attack=t2 - t1)
+  return {"er_recall_qa": er_qa, "er_recall_ca": er_ca}
+
+
 def certify(config: ml_collections.ConfigDict, workdir: str, *,
             output_dir: str | None = None, log: Callable[[str], None] = print) -> dict:
   """Loads the latest checkpoint in ``workdir``, certifies Q against C, writes a report.
@@ -95,6 +118,9 @@ def certify(config: ml_collections.ConfigDict, workdir: str, *,
   c = config.certify
   eps = validate.check_eps(c.eps, "config.certify.eps")
   ks = validate.check_ks(tuple(c.ks), config.data.num_candidates, "config.certify.ks")
+  for key in ("attack_steps", "ca_sources", "batch_size"):
+    if int(c[key]) < 1:
+      raise ValueError(f"config.certify.{key} must be >= 1, got {c[key]!r}")
   shape = data_lib.IMAGE_SHAPES.get(config.data.name)
   if shape is None:
     raise ValueError(f"config.data.name must be one of {data_lib.SUPPORTED}, "
@@ -119,6 +145,12 @@ def certify(config: ml_collections.ConfigDict, workdir: str, *,
   res = certify_features(qf, qb, ql, cf, cb, cl, ks)
   t2 = time.perf_counter()
   log(f"features and IBP boxes: {t1 - t0:.1f}s; rank bounds and metrics: {t2 - t1:.1f}s")
+  seconds = {"features_and_boxes": t1 - t0, "certify": t2 - t1}
+  attack_info = None
+  if c.attack:
+    attack_info = {"steps": c.attack_steps, "ca_sources": c.ca_sources,
+                   "step_size": c.attack_step_size or eps / 10, "seed": c.attack_seed}
+    res.update(_attack(apply, params, qx, ql, qf, cx, cl, cf, eps, ks, c, log, seconds))
 
   results = {
       "method": config.train.method,
@@ -135,7 +167,8 @@ def certify(config: ml_collections.ConfigDict, workdir: str, *,
       "candidate_indices": c_idx.tolist(),
       "mean_box_width": {"query": float(np.mean(qb.upper - qb.lower)),
                          "candidate": float(np.mean(cb.upper - cb.lower))},
-      "seconds": {"features_and_boxes": t1 - t0, "certify": t2 - t1},
+      "seconds": seconds,
+      "attack": attack_info,
       "metrics": {k: {str(kk): v for kk, v in d.items()} for k, d in res.items()},
       "config": config.to_dict(),
       "versions": {"jax": jax.__version__, "devices": [str(d) for d in jax.devices()]},

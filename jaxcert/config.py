@@ -48,6 +48,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.certify.ks = (1, 10, 20, 40)
   c.certify.batch_size = 250
   c.certify.output_dir = config_dict.placeholder(str)  # None: <workdir>/certify
+  c.certify.attack = True                # PGD QA/CA attacks for ER-Recall@K
+  c.certify.attack_steps = 100           # paper: 100 steps of size eps / 10
+  c.certify.attack_step_size = config_dict.placeholder(float)  # None: eps / 10
+  c.certify.ca_sources = 100             # paper: 100 source candidates per query
+  c.certify.attack_seed = 0
 
   c.lock()
   return c

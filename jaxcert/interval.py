@@ -18,7 +18,10 @@ Rules:
 Anything else raises ``NotImplementedError`` naming the primitive: there is no
 silent fallback. Equations whose inputs carry no interval are evaluated normally,
 so constant sub-computations (e.g. BatchNorm statistics) cost nothing extra.
-The transform works under ``jax.jit`` and ``jax.vmap``.
+The transform works under ``jax.jit`` and ``jax.vmap``. Matrix products and
+convolutions in the bounds always run at ``Precision.HIGHEST``: accelerators
+otherwise default to reduced-precision passes (TF32 on recent NVIDIA GPUs, bf16
+on TPUs) whose error would dwarf the bound's own float32 rounding.
 """
 
 from __future__ import annotations
@@ -119,6 +122,8 @@ def _decreasing(prim, invals, params):
 def _bilinear(prim, invals, params):
   """Bounds for ops linear in each operand: dot_general, conv, mul."""
   a, b = invals
+  if "precision" in params:  # no reduced-precision (e.g. TF32/bf16) passes in bounds
+    params = {**params, "precision": (lax.Precision.HIGHEST, lax.Precision.HIGHEST)}
   op = functools.partial(prim.bind, **params)
   if not _is_iv(b):
     return Interval.from_center_radius(op(a.center, b), op(a.radius, jnp.abs(b)))

@@ -17,7 +17,12 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-_ROWS = (("cr_recall_qa", "CR-Recall@K (QA)"), ("cr_recall_ca", "CR-Recall@K (CA)"))
+_TABLE2 = (("er_recall_qa", "ER QA"), ("cr_recall_qa", "CR QA"),
+           ("er_recall_ca", "ER CA"), ("cr_recall_ca", "CR CA"))
+_STYLE = {"er_recall_qa": ("C0", "--", "ER-Recall@K (QA)"),
+          "cr_recall_qa": ("C0", "-", "CR-Recall@K (QA)"),
+          "er_recall_ca": ("C1", "--", "ER-Recall@K (CA)"),
+          "cr_recall_ca": ("C1", "-", "CR-Recall@K (CA)")}
 
 
 def _row(values: dict, ks) -> str:
@@ -25,12 +30,14 @@ def _row(values: dict, ks) -> str:
 
 
 def markdown_table(results: dict) -> str:
-  """Table 1 (Recall@K) and Table 2 (CR-Recall@K for QA and CA) for one model."""
+  """Table 1 (Recall@K) and Table 2 (ER-/CR-Recall@K for QA and CA) for one model."""
   ks = results["ks"]
   m = results["metrics"]
   name = f"{results['method']} ({results['arch']})"
   head = " | ".join(str(k) for k in ks)
   sep = "|".join(["---"] * len(ks))
+  groups = [(key, label) for key, label in _TABLE2 if key in m]
+  cols = " | ".join(f"{label} {k}" for _, label in groups for k in ks)
   lines = [
       f"{results['dataset']}, eps = {results['eps']:.4g}, |Q| = {results['num_queries']}, "
       f"|C| = {results['num_candidates']}, checkpoint step {results['checkpoint_step']}",
@@ -39,12 +46,19 @@ def markdown_table(results: dict) -> str:
       f"|---|{sep}|",
       f"| {name} | {_row(m['recall'], ks)} |",
       "",
-      f"| K | {' | '.join(f'QA {k}' for k in ks)} | {' | '.join(f'CA {k}' for k in ks)} |",
-      f"|---|{sep}|{sep}|",
-      f"| {name} CR-Recall | {_row(m['cr_recall_qa'], ks)} | {_row(m['cr_recall_ca'], ks)} |",
-      f"| {name} CR-Recall, one-sided | {_row(m['cr_recall_qa_one_sided'], ks)} | "
-      f"{_row(m['cr_recall_ca_one_sided'], ks)} |",
+      f"| K | {cols} |",
+      "|---|" + "|".join([sep] * len(groups)) + "|",
+      f"| {name} | " + " | ".join(_row(m[key], ks) for key, _ in groups) + " |",
   ]
+  one_sided = [f"{key}_one_sided" for key, _ in groups if key.startswith("cr_")]
+  lines += ["", "One-sided CR-Recall@K (the same-class image stays in the top K; "
+            "the paper's Eq. 25 also bounds its rank from below): "
+            + ", ".join(f"{k.split('_')[2].upper()} " + " / ".join(
+                f"{m[k][str(kk)]:.2f}" for kk in ks) for k in one_sided)]
+  attack = results.get("attack")
+  if attack:
+    lines += ["", f"ER: PGD, {attack['steps']} steps of {attack['step_size']:.4g}, "
+              f"QA one target per query, CA {attack['ca_sources']} sources per query."]
   return "\n".join(lines)
 
 
@@ -52,9 +66,11 @@ def plot(results: dict, path: str) -> None:
   ks = results["ks"]
   m = results["metrics"]
   fig, ax = plt.subplots(figsize=(5, 3.5))
-  ax.plot(ks, [m["recall"][str(k)] for k in ks], "k--o", label="Recall@K (clean)")
-  for key, label in _ROWS:
-    ax.plot(ks, [m[key][str(k)] for k in ks], "-o", label=label)
+  ax.plot(ks, [m["recall"][str(k)] for k in ks], "k:o", label="Recall@K (clean)")
+  for key, (color, style, label) in _STYLE.items():
+    if key in m:
+      ax.plot(ks, [m[key][str(k)] for k in ks], marker="o", color=color, linestyle=style,
+              label=label)
   ax.set_xlabel("K")
   ax.set_ylabel("fraction of queries")
   ax.set_ylim(-0.02, 1.02)

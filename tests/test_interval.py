@@ -216,3 +216,12 @@ def test_supported_primitives_listed():
   names = interval.supported_primitives()
   for p in ("dot_general", "conv_general_dilated", "reduce_window_max", "custom_jvp_call"):
     assert p in names
+
+
+def test_bounds_use_full_precision_products(cnn):
+  x = jax.random.uniform(jax.random.key(6), (2, 8, 8, 1))
+  jaxpr = jax.make_jaxpr(lambda z: ibp(cnn)(input_box(z, 0.1)))(x)
+  ops = [e for e in jaxpr.eqns if e.primitive.name in ("dot_general", "conv_general_dilated")]
+  assert ops
+  for e in ops:
+    assert e.params["precision"] == (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)

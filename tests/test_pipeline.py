@@ -38,6 +38,8 @@ def tiny_config(method="tbt"):
   c.certify.eps = 0.05
   c.certify.ks = (1, 5, 20)
   c.certify.batch_size = 8
+  c.certify.attack_steps = 3
+  c.certify.ca_sources = 3
   return c
 
 
@@ -92,12 +94,15 @@ def test_certify_writes_report(tmp_path, capsys):
   for k in ("1", "5", "20"):
     for key in ("cr_recall_qa", "cr_recall_ca"):
       assert m[key][k] <= m[f"{key}_one_sided"][k] <= m["recall"][k]
+    assert m["cr_recall_qa"][k] <= m["er_recall_qa"][k]
+    assert m["cr_recall_ca"][k] <= m["er_recall_ca"][k]
+  assert saved["attack"] == {"steps": 3, "ca_sources": 3, "step_size": 0.005, "seed": 0}
   assert m["recall"]["1"] <= m["recall"]["5"] <= m["recall"]["20"]
   with open(out / "cr_recall.png", "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   table = (out / "results.md").read_text()
-  assert "CR-Recall" in table and "| Recall@K |" in table
-  assert "CR-Recall" in capsys.readouterr().out
+  assert "| Recall@K |" in table and "ER QA 5 | " in table and "CR CA 20 |" in table
+  assert "ER QA 1" in capsys.readouterr().out
   assert res["metrics"] == saved["metrics"]
 
 
@@ -108,6 +113,10 @@ def test_failed_certify_leaves_nothing(tmp_path):
   with pytest.raises(ValueError, match=r"K must satisfy 1 <= K <= \|C\| = 20"):
     certification.certify(cfg, str(tmp_path))
   cfg.certify.ks = (1,)
+  cfg.certify.ca_sources = 0
+  with pytest.raises(ValueError, match="config.certify.ca_sources"):
+    certification.certify(cfg, str(tmp_path))
+  cfg.certify.ca_sources = 3
   cfg.certify.eps = -0.1
   with pytest.raises(ValueError, match=r"config.certify.eps.*-0.1"):
     certification.certify(cfg, str(tmp_path))

@@ -1,0 +1,79 @@
+"""PGD ranking attacks: they work, stay in the threat model, and never beat a certificate."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxcert import attacks, certification, distance, ranks
+from jaxcert.interval import ibp, input_box
+
+
+@pytest.fixture
+def setup(cnn):
+  apply = lambda p, x: cnn(x)
+  rng = np.random.default_rng(0)
+  q = rng.uniform(0, 1, (8, 8, 8, 1)).astype(np.float32)
+  c = rng.uniform(0, 1, (40, 8, 8, 1)).astype(np.float32)
+  ql, cl = rng.integers(0, 4, 8), rng.integers(0, 4, 40)
+  return apply, q, c, ql, cl
+
+
+def _rank_of(qf, cf, idx):
+  _, rank = ranks.clean_ranks(distance.pairwise_distances(qf, cf))
+  return np.take_along_axis(np.asarray(rank), idx[:, None], 1)[:, 0]
+
+
+def test_query_attack_raises_its_target(setup):
+  apply, q, c, ql, cl = setup
+  cf = apply(None, c)
+  adv, targets = attacks.query_attack(apply, None, q, ql, cf, cl, 0.1, steps=30)
+  assert np.all(np.abs(adv - q) <= 0.1 + 1e-6) and adv.min() >= 0 and adv.max() <= 1
+  assert np.all(cl[targets] != ql)
+  before = _rank_of(apply(None, q), cf, targets)
+  after = _rank_of(apply(None, adv), cf, targets)
+  assert np.mean(after < before) >= 0.75, (before, after)
+  assert after.mean() < 0.5 * before.mean()
+
+
+def test_candidate_attack_raises_its_sources(setup):
+  apply, q, c, ql, cl = setup
+  qf, cf = apply(None, q), apply(None, c)
+  src, feats = attacks.candidate_attack(apply, None, qf, ql, c, cf, cl, 0.1, num_sources=5,
+                                        steps=30)
+  assert src.shape == (8, 5) and feats.shape == (8, 5, cf.shape[1])
+  assert np.all(cl[src] != ql[:, None])
+  d_before = np.linalg.norm(np.asarray(qf)[:, None] - np.asarray(cf)[src], axis=-1)
+  d_after = np.linalg.norm(np.asarray(qf)[:, None] - feats, axis=-1)
+  assert np.mean(d_after < d_before) >= 0.9
+  er = attacks.er_recall_ca(qf, cf, src, feats, ql, cl, (1, 5, 40))
+  clean = attacks.er_recall_ca(qf, cf, src, np.asarray(cf)[src], ql, cl, (1, 5, 40))
+  assert all(er[k] <= clean[k] for k in er) and er[40] == clean[40]
+
+
+@pytest.mark.parametrize("eps", [0.002, 0.01])
+def test_empirical_recall_never_below_certified(setup, eps):
+  apply, q, c, ql, cl = setup
+  qf, cf = apply(None, q), apply(None, c)
+  qb, cb = ibp(lambda x: apply(None, x))(input_box(q, eps)), ibp(
+      lambda x: apply(None, x))(input_box(c, eps))
+  ks = (1, 3, 10)
+  cr = certification.certify_features(qf, qb, ql, cf, cb, cl, ks)
+  adv, _ = attacks.query_attack(apply, None, q, ql, cf, cl, eps, steps=20)
+  er_qa = attacks.er_recall_qa(apply(None, adv), cf, ql, cl, ks)
+  src, feats = attacks.candidate_attack(apply, None, qf, ql, c, cf, cl, eps, num_sources=10,
+                                        steps=20)
+  er_ca = attacks.er_recall_ca(qf, cf, src, feats, ql, cl, ks)
+  for k in ks:
+    assert cr["cr_recall_qa"][k] <= er_qa[k]  # (an attack may also help: no ER <= Recall)
+    assert cr["cr_recall_ca"][k] <= er_ca[k]
+  if eps == 0.002:  # the comparison is not vacuous
+    assert cr["cr_recall_qa"][10] > 0 and cr["cr_recall_ca"][10] > 0
+
+
+def test_attack_argument_errors(setup):
+  apply, q, c, ql, cl = setup
+  with pytest.raises(ValueError, match="eps=-1"):
+    attacks.query_attack(apply, None, q, ql, apply(None, c), cl, -1)
+  with pytest.raises(ValueError, match="fewer than the 100"):
+    attacks.candidate_attack(apply, None, apply(None, q), ql, c, apply(None, c), cl, 0.1)
