@@ -41,19 +41,22 @@ def pgd(loss_fn: Callable[[jax.Array], jax.Array], x: jax.Array, eps, *, steps: 
   return jax.lax.fori_loop(0, steps, body, x)
 
 
-def _rise_loss(f_moving: jax.Array, f_fixed: jax.Array, cand_features: jax.Array):
-  """Eq. 2 / 4 summand: ``sum_c [d(a, b) - d(a, f(c))]_+`` for rows a, b -> [B].
+def _rise_loss(f_moving: jax.Array, f_fixed: jax.Array, cand_features: jax.Array,
+               sign: float = 1.0):
+  """Eq. 2 summand: ``sum_c [d(a, b) - d(a, f(c))]_+`` for rows a = f(q + delta), b = f(t).
 
-  For QA ``a = f(q + delta)``, ``b = f(t)``; for CA ``a = f(q)``, ``b = f(c_s + delta)``.
+  Minimising it raises t; with ``sign = -1`` (``sum_c [d(a, f(c)) - d(a, b)]_+``) it
+  lowers t (the paper's maximisation variant of Eq. 1). -> [B].
   """
   d_ab = losses.safe_norm(f_moving - f_fixed)
   d_ac = losses.safe_norm(f_moving[:, None, :] - cand_features[None], axis=-1)
-  return jnp.sum(jax.nn.relu(d_ab[:, None] - d_ac), axis=1)
+  return jnp.sum(jax.nn.relu(sign * (d_ab[:, None] - d_ac)), axis=1)
 
 
-@functools.partial(jax.jit, static_argnames=("apply", "steps"))
-def _qa_batch(apply, params, q, target_features, cand_features, eps, step_size, steps):
-  loss = lambda z: _rise_loss(apply(params, z), target_features, cand_features)
+@functools.partial(jax.jit, static_argnames=("apply", "steps", "sign"))
+def _qa_batch(apply, params, q, target_features, cand_features, eps, step_size, steps,
+              sign=1.0):
+  loss = lambda z: _rise_loss(apply(params, z), target_features, cand_features, sign)
   return pgd(loss, q, eps, steps=steps, step_size=step_size)
 
 
@@ -140,3 +143,44 @@ def er_recall_ca(query_features, cand_features, sources, attacked_source_feature
   np.put_along_axis(dist, sources, d_src, axis=1)
   _, rank = ranks.clean_ranks(jnp.asarray(dist))
   return metrics.recall_at_k(rank, query_labels, cand_labels, ks)
+
+
+def audit_qa(apply, params, queries, cand_features, bounds: ranks.RankBounds, clean_rank,
+             query_labels, cand_labels, ks, eps, *, steps: int = 100, step_size=None,
+             batch_size: int = 128) -> dict:
+  """Attacks the QA certificates behind CR-Recall@K (Eq. 25) and counts broken ones.
+
+  For every query and K, the certified same-class candidate with the largest clean
+  rank j (the claim nearest its limit) is attacked twice with PGD on the query:
+  pushed down (Eq. 1 maximised) against ``Rank <= K`` and pushed up (Eq. 2) against
+  ``Rank >= 2j - K``. A claim is broken if an attack reaches a rank outside it.
+  Returns counts; ``broken`` must be 0 for sound certificates.
+  """
+  eps = validate.check_eps(eps)
+  step_size = eps / 10 if step_size is None else step_size
+  rel = np.asarray(query_labels)[:, None] == np.asarray(cand_labels)[None, :]
+  clean_rank = np.asarray(clean_rank)
+  qi, ci, kk = [], [], []
+  for k in validate.check_ks(ks, clean_rank.shape[1]):
+    ok = np.asarray(ranks.verify_top_k(bounds, clean_rank, k)) & rel
+    has = ok.any(axis=1)
+    best = np.argmax(np.where(ok, clean_rank, 0), axis=1)
+    qi += list(np.flatnonzero(has))
+    ci += list(best[has])
+    kk += [k] * int(has.sum())
+  qi, ci, kk = np.asarray(qi, np.int64), np.asarray(ci, np.int64), np.asarray(kk, np.int64)
+  cf = jnp.asarray(cand_features)
+  worst_low = np.zeros(len(qi), np.int64)   # largest rank reached (pushed down)
+  worst_high = np.zeros(len(qi), np.int64)  # smallest rank reached (pushed up)
+  for sl in _batches(len(qi), batch_size):
+    x = jnp.asarray(queries[qi[sl]])
+    for sign, out in ((-1.0, worst_low), (1.0, worst_high)):
+      adv = _qa_batch(apply, params, x, cf[ci[sl]], cf, eps, step_size, steps, sign=sign)
+      d = distance.pairwise_distances(apply(params, adv), cf)
+      d_t = jnp.take_along_axis(d, jnp.asarray(ci[sl])[:, None], axis=1)
+      out[sl] = np.asarray(1 + jnp.sum(d < d_t, axis=1))
+  j = clean_rank[qi, ci]
+  broken = (worst_low > kk) | (worst_high < 2 * j - kk)
+  return {"claims": int(len(qi)), "broken": int(broken.sum()),
+          "max_rank_increase": int(np.max(worst_low - j, initial=0)),
+          "max_rank_decrease": int(np.max(j - worst_high, initial=0))}

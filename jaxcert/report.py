@@ -59,6 +59,10 @@ def markdown_table(results: dict) -> str:
   if attack:
     lines += ["", f"ER: PGD, {attack['steps']} steps of {attack['step_size']:.4g}, "
               f"QA one target per query, CA {attack['ca_sources']} sources per query."]
+    audit = attack.get("qa_audit")
+    if audit:
+      lines += [f"QA certificate audit: {audit['broken']} of {audit['claims']} certified "
+                "claims broken by PGD (must be 0)."]
   return "\n".join(lines)
 
 

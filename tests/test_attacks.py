@@ -77,3 +77,20 @@ def test_attack_argument_errors(setup):
     attacks.query_attack(apply, None, q, ql, apply(None, c), cl, -1)
   with pytest.raises(ValueError, match="fewer than the 100"):
     attacks.candidate_attack(apply, None, apply(None, q), ql, c, apply(None, c), cl, 0.1)
+
+
+def test_audit_finds_planted_unsound_certificate_and_passes_real_ones(setup):
+  apply, q, c, ql, cl = setup
+  qf, cf = apply(None, q), apply(None, c)
+  _, rank = ranks.clean_ranks(distance.pairwise_distances(qf, cf))
+  ks = (3, 10)
+  # planted: claims that no rank can move at eps = 0.1 (false for this network)
+  planted = ranks.RankBounds(lower=rank, upper=rank)
+  res = attacks.audit_qa(apply, None, q, cf, planted, rank, ql, cl, ks, 0.1, steps=20)
+  assert res["claims"] > 0 and res["broken"] > 0
+  # real IBP certificates at a small eps: every claim survives the same attack
+  eps = 0.002
+  qb = ibp(lambda x: apply(None, x))(input_box(q, eps))
+  real = ranks.qa_rank_bounds(qb, cf)
+  res = attacks.audit_qa(apply, None, q, cf, real, rank, ql, cl, ks, eps, steps=20)
+  assert res["claims"] > 0 and res["broken"] == 0
