@@ -26,11 +26,13 @@ from jaxcert import distance, losses, metrics, ranks, validate
 
 
 def pgd(loss_fn: Callable[[jax.Array], jax.Array], x: jax.Array, eps, *, steps: int,
-        step_size) -> jax.Array:
+        step_size, restarts: int = 1, key: jax.Array | None = None) -> jax.Array:
   """Minimises ``loss_fn(x_adv).sum()`` over ``|x_adv - x|_inf <= eps``, x_adv in [0, 1].
 
   loss_fn maps a batch [B, ...] to per-example losses [B]; examples are attacked
-  independently. Returns the last iterate (projected).
+  independently. The first run starts at x, each further restart at a uniform
+  random point of the ball (``key`` required); per example, the iterate with the
+  lowest final loss is returned.
   """
   lo, hi = jnp.clip(x - eps, 0.0, 1.0), jnp.clip(x + eps, 0.0, 1.0)
   grad = jax.grad(lambda z: jnp.sum(loss_fn(z)))
@@ -38,7 +40,17 @@ def pgd(loss_fn: Callable[[jax.Array], jax.Array], x: jax.Array, eps, *, steps: 
   def body(_, z):
     return jnp.clip(z - step_size * jnp.sign(grad(z)), lo, hi)
 
-  return jax.lax.fori_loop(0, steps, body, x)
+  best = jax.lax.fori_loop(0, steps, body, x)
+  if restarts > 1:
+    if key is None:
+      raise ValueError("pgd: restarts > 1 needs a PRNG key")
+    best_loss = loss_fn(best)
+    for k in jax.random.split(key, restarts - 1):
+      z = jax.lax.fori_loop(0, steps, body, jax.random.uniform(k, x.shape, x.dtype, lo, hi))
+      z_loss = loss_fn(z)
+      better = (z_loss < best_loss).reshape((-1,) + (1,) * (x.ndim - 1))
+      best, best_loss = jnp.where(better, z, best), jnp.minimum(z_loss, best_loss)
+  return best
 
 
 def _rise_loss(f_moving: jax.Array, f_fixed: jax.Array, cand_features: jax.Array,
@@ -53,22 +65,24 @@ def _rise_loss(f_moving: jax.Array, f_fixed: jax.Array, cand_features: jax.Array
   return jnp.sum(jax.nn.relu(sign * (d_ab[:, None] - d_ac)), axis=1)
 
 
-@functools.partial(jax.jit, static_argnames=("apply", "steps", "sign"))
+@functools.partial(jax.jit, static_argnames=("apply", "steps", "sign", "restarts"))
 def _qa_batch(apply, params, q, target_features, cand_features, eps, step_size, steps,
-              sign=1.0):
+              sign=1.0, restarts=1, key=None):
   loss = lambda z: _rise_loss(apply(params, z), target_features, cand_features, sign)
-  return pgd(loss, q, eps, steps=steps, step_size=step_size)
+  return pgd(loss, q, eps, steps=steps, step_size=step_size, restarts=restarts, key=key)
 
 
-@functools.partial(jax.jit, static_argnames=("apply", "steps"))
-def _ca_batch(apply, params, sources, query_features, cand_features, eps, step_size, steps):
+@functools.partial(jax.jit, static_argnames=("apply", "steps", "restarts"))
+def _ca_batch(apply, params, sources, query_features, cand_features, eps, step_size, steps,
+              restarts=1, key=None):
   d_qc = losses.safe_norm(query_features[:, None, :] - cand_features[None], axis=-1)
 
   def loss(z):  # Eq. 4; d(f(q), f(c)) does not depend on the perturbation
     d_qs = losses.safe_norm(query_features - apply(params, z))
     return jnp.sum(jax.nn.relu(d_qs[:, None] - d_qc), axis=1)
 
-  return pgd(loss, sources, eps, steps=steps, step_size=step_size)
+  return pgd(loss, sources, eps, steps=steps, step_size=step_size, restarts=restarts,
+             key=key)
 
 
 def _batches(n: int, size: int):
@@ -89,7 +103,7 @@ def _other_class(rng, query_labels, cand_labels, count: int) -> np.ndarray:
 
 
 def query_attack(apply, params, queries, query_labels, cand_features, cand_labels, eps, *,
-                 steps: int = 100, step_size=None, seed: int = 0,
+                 steps: int = 100, step_size=None, seed: int = 0, restarts: int = 1,
                  batch_size: int = 128) -> tuple[np.ndarray, np.ndarray]:
   """Eq. 2 on every query. Returns (attacked queries [Q, ...], target indices [Q])."""
   eps = validate.check_eps(eps)
@@ -99,14 +113,15 @@ def query_attack(apply, params, queries, query_labels, cand_features, cand_label
   cf = jnp.asarray(cand_features)
   out = np.empty_like(np.asarray(queries))
   for sl in _batches(len(queries), batch_size):
+    key = jax.random.fold_in(jax.random.key(seed), sl.start)
     out[sl] = np.asarray(_qa_batch(apply, params, jnp.asarray(queries[sl]), cf[targets[sl]],
-                                   cf, eps, step_size, steps))
+                                   cf, eps, step_size, steps, restarts=restarts, key=key))
   return out, targets
 
 
 def candidate_attack(apply, params, query_features, query_labels, candidates, cand_features,
                      cand_labels, eps, *, num_sources: int = 100, steps: int = 100,
-                     step_size=None, seed: int = 0,
+                     step_size=None, seed: int = 0, restarts: int = 1,
                      batch_size: int = 128) -> tuple[np.ndarray, np.ndarray]:
   """Eq. 4: for each query, ``num_sources`` other-class candidates rise for it.
 
@@ -121,8 +136,9 @@ def candidate_attack(apply, params, query_features, query_labels, candidates, ca
   flat_q = np.repeat(np.arange(len(query_features)), num_sources)
   feats = np.empty((len(flat_src), cf.shape[1]), np.float32)
   for sl in _batches(len(flat_src), batch_size):
+    key = jax.random.fold_in(jax.random.key(seed + 1), sl.start)
     adv = _ca_batch(apply, params, jnp.asarray(candidates[flat_src[sl]]), qf[flat_q[sl]], cf,
-                    eps, step_size, steps)
+                    eps, step_size, steps, restarts=restarts, key=key)
     feats[sl] = np.asarray(apply(params, adv))
   return sources, feats.reshape(len(query_features), num_sources, -1)
 
@@ -147,7 +163,7 @@ def er_recall_ca(query_features, cand_features, sources, attacked_source_feature
 
 def audit_qa(apply, params, queries, cand_features, bounds: ranks.RankBounds, clean_rank,
              query_labels, cand_labels, ks, eps, *, steps: int = 100, step_size=None,
-             batch_size: int = 128) -> dict:
+             restarts: int = 1, seed: int = 0, batch_size: int = 128) -> dict:
   """Attacks the QA certificates behind CR-Recall@K (Eq. 25) and counts broken ones.
 
   For every query and K, the certified same-class candidate with the largest clean
@@ -175,7 +191,9 @@ def audit_qa(apply, params, queries, cand_features, bounds: ranks.RankBounds, cl
   for sl in _batches(len(qi), batch_size):
     x = jnp.asarray(queries[qi[sl]])
     for sign, out in ((-1.0, worst_low), (1.0, worst_high)):
-      adv = _qa_batch(apply, params, x, cf[ci[sl]], cf, eps, step_size, steps, sign=sign)
+      key = jax.random.fold_in(jax.random.key(seed + 2), sl.start)
+      adv = _qa_batch(apply, params, x, cf[ci[sl]], cf, eps, step_size, steps, sign=sign,
+                      restarts=restarts, key=key)
       d = distance.pairwise_distances(apply(params, adv), cf)
       d_t = jnp.take_along_axis(d, jnp.asarray(ci[sl])[:, None], axis=1)
       out[sl] = np.asarray(1 + jnp.sum(d < d_t, axis=1))

@@ -98,7 +98,8 @@ def _certify(query_features, query_boxes, query_labels, cand_features, cand_boxe
 
 def _attack(apply, params, qx, ql, qf, cx, cl, cf, eps, ks, c, log, seconds) -> dict:
   """ER-Recall@K (Eq. 23, 24) from PGD query and candidate attacks."""
-  kw = dict(steps=c.attack_steps, step_size=c.attack_step_size, seed=c.attack_seed)
+  kw = dict(steps=c.attack_steps, step_size=c.attack_step_size, seed=c.attack_seed,
+            restarts=c.attack_restarts)
   t0 = time.perf_counter()
   adv, _ = attacks.query_attack(apply, params, qx, ql, cf, cl, eps, **kw)
   er_qa = attacks.er_recall_qa(embed(apply, params, adv), cf, ql, cl, ks)
@@ -125,7 +126,7 @@ def certify(config: ml_collections.ConfigDict, workdir: str, *,
   c = config.certify
   eps = validate.check_eps(c.eps, "config.certify.eps")
   ks = validate.check_ks(tuple(c.ks), config.data.num_candidates, "config.certify.ks")
-  for key in ("attack_steps", "ca_sources", "batch_size"):
+  for key in ("attack_steps", "ca_sources", "batch_size", "attack_restarts"):
     if int(c[key]) < 1:
       raise ValueError(f"config.certify.{key} must be >= 1, got {c[key]!r}")
   shape = data_lib.IMAGE_SHAPES.get(config.data.name)
@@ -156,12 +157,14 @@ def certify(config: ml_collections.ConfigDict, workdir: str, *,
   attack_info = None
   if c.attack:
     attack_info = {"steps": c.attack_steps, "ca_sources": c.ca_sources,
-                   "step_size": c.attack_step_size or eps / 10, "seed": c.attack_seed}
+                   "step_size": c.attack_step_size or eps / 10, "seed": c.attack_seed,
+                   "restarts": c.attack_restarts}
     res.update(_attack(apply, params, qx, ql, qf, cx, cl, cf, eps, ks, c, log, seconds))
     t3 = time.perf_counter()
     attack_info["qa_audit"] = attacks.audit_qa(
         apply, params, qx, cf, qa_bounds, clean_rank, ql, cl, ks, eps,
-        steps=c.attack_steps, step_size=c.attack_step_size)
+        steps=c.attack_steps, step_size=c.attack_step_size, restarts=c.attack_restarts,
+        seed=c.attack_seed)
     seconds["qa_audit"] = time.perf_counter() - t3
     log(f"QA certificate audit: {attack_info['qa_audit']} ({seconds['qa_audit']:.1f}s)")
     if attack_info["qa_audit"]["broken"]:

@@ -53,6 +53,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.certify.attack_step_size = config_dict.placeholder(float)  # None: eps / 10
   c.certify.ca_sources = 100             # paper: 100 source candidates per query
   c.certify.attack_seed = 0
+  c.certify.attack_restarts = 1          # PGD runs per attack; >1 adds random starts
 
   c.lock()
   return c

@@ -94,3 +94,24 @@ def test_audit_finds_planted_unsound_certificate_and_passes_real_ones(setup):
   real = ranks.qa_rank_bounds(qb, cf)
   res = attacks.audit_qa(apply, None, q, cf, real, rank, ql, cl, ks, eps, steps=20)
   assert res["claims"] > 0 and res["broken"] == 0
+
+
+def test_pgd_restarts_never_worse_and_stay_in_ball(cnn):
+  x = jax.random.uniform(jax.random.key(1), (6, 8, 8, 1), minval=0.2, maxval=0.8)
+  w = jax.random.normal(jax.random.key(2), (6,))
+  loss = lambda z: jnp.sin(3.0 * cnn(z)) @ w
+  one = attacks.pgd(loss, x, 0.1, steps=10, step_size=0.01)
+  many = attacks.pgd(loss, x, 0.1, steps=10, step_size=0.01, restarts=4,
+                     key=jax.random.key(3))
+  assert bool(jnp.all(loss(many) <= loss(one) + 1e-6))
+  assert float(jnp.max(jnp.abs(many - x))) <= 0.1 + 1e-6
+  assert float(many.min()) >= 0.0 and float(many.max()) <= 1.0
+  # a start at a stationary point (zero gradient) is stuck; random restarts are not
+  bowl = lambda z: -jnp.sum((z - x) ** 2, axis=(1, 2, 3))
+  stuck = attacks.pgd(bowl, x, 0.1, steps=10, step_size=0.01)
+  np.testing.assert_allclose(bowl(stuck), 0.0)
+  freed = attacks.pgd(bowl, x, 0.1, steps=10, step_size=0.01, restarts=2,
+                      key=jax.random.key(4))
+  assert bool(jnp.all(bowl(freed) < -0.1))
+  with pytest.raises(ValueError, match="PRNG key"):
+    attacks.pgd(bowl, x, 0.1, steps=2, step_size=0.01, restarts=2)

@@ -97,7 +97,8 @@ def test_certify_writes_report(tmp_path, capsys):
     assert m["cr_recall_qa"][k] <= m["er_recall_qa"][k]
     assert m["cr_recall_ca"][k] <= m["er_recall_ca"][k]
   audit = saved["attack"].pop("qa_audit")
-  assert saved["attack"] == {"steps": 3, "ca_sources": 3, "step_size": 0.005, "seed": 0}
+  assert saved["attack"] == {"steps": 3, "ca_sources": 3, "step_size": 0.005, "seed": 0,
+                             "restarts": 1}
   assert audit["broken"] == 0 and audit["claims"] >= 0
   assert m["recall"]["1"] <= m["recall"]["5"] <= m["recall"]["20"]
   with open(out / "cr_recall.png", "rb") as f:
