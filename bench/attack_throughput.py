@@ -9,26 +9,15 @@ forward+backward pass of the model on the same batch.
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from _timing import median_time  # noqa: E402
 from jaxcert import attacks, models  # noqa: E402
-
-
-def _median(fn, repeats=3):
-  jax.block_until_ready(fn())
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t)
-  return statistics.median(times)
 
 
 def main():
@@ -46,10 +35,10 @@ def main():
   cf = apply(params, jax.random.uniform(k2, (args.num, 28, 28, 1)))
   fq = apply(params, x)
   grad = jax.jit(jax.grad(lambda p, z: jnp.sum(apply(p, z) ** 2), argnums=1))
-  t_fb = _median(lambda: grad(params, x))
-  t_qa = _median(lambda: attacks._qa_batch(apply, params, x, cf[:args.batch], cf, 0.1, 0.01,
+  t_fb = median_time(lambda: grad(params, x))
+  t_qa = median_time(lambda: attacks._qa_batch(apply, params, x, cf[:args.batch], cf, 0.1, 0.01,
                                            args.steps)) / args.steps
-  t_ca = _median(lambda: attacks._ca_batch(apply, params, x, fq, cf, 0.1, 0.01,
+  t_ca = median_time(lambda: attacks._ca_batch(apply, params, x, fq, cf, 0.1, 0.01,
                                            args.steps)) / args.steps
   b = args.batch
   print(f"{args.arch} model, batch {b}, |C| = {args.num}: forward+backward {t_fb * 1e3:.1f} ms")

@@ -11,9 +11,7 @@ Prints, measured in this one run on this machine:
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -21,18 +19,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from _timing import median_time  # noqa: E402
 from jaxcert import certification, models  # noqa: E402
 from jaxcert.interval import Interval, ibp, input_box  # noqa: E402
-
-
-def _median_time(fn, repeats):
-  jax.block_until_ready(fn())  # compile + warm up
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t)
-  return statistics.median(times)
 
 
 def main():
@@ -50,8 +39,8 @@ def main():
   x = jax.random.uniform(jax.random.key(0), (args.batch, 28, 28, 1))
   fwd = jax.jit(lambda p, x: apply(p, x))
   bnd = jax.jit(lambda p, x: ibp(lambda z: apply(p, z))(input_box(x, 0.1)))
-  t_fwd = _median_time(lambda: fwd(params, x), args.repeats)
-  t_ibp = _median_time(lambda: bnd(params, x), args.repeats)
+  t_fwd = median_time(lambda: fwd(params, x), args.repeats)
+  t_ibp = median_time(lambda: bnd(params, x), args.repeats)
   print(f"{args.arch} model, batch {args.batch}: forward {t_fwd * 1e3:.1f} ms, "
         f"IBP bounds {t_ibp * 1e3:.1f} ms, ratio IBP/forward = {t_ibp / t_fwd:.2f} "
         f"(target <= 2.5)")
@@ -63,14 +52,8 @@ def main():
   ql, cl = rng.integers(0, 10, n), rng.integers(0, 10, n)
   qb, cb = Interval(qf - qr, qf + qr), Interval(cf - cr, cf + cr)
   run = lambda: certification.certify_features(qf, qb, ql, cf, cb, cl, (1, 10, 20, 40))
-  run()  # compile
-  times = []
-  for _ in range(3):
-    t = time.perf_counter()
-    run()
-    times.append(time.perf_counter() - t)
   print(f"certify |Q| = |C| = {n}, d = {d} (features known; QA + CA, 4 values of K): "
-        f"{statistics.median(times):.2f} s")
+        f"{median_time(run):.2f} s")
   t_all = (2 * n / args.batch) * (t_fwd + t_ibp)
   print(f"estimated features + boxes for {2 * n} images with the {args.arch} model: "
         f"{t_all:.1f} s")

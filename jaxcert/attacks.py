@@ -174,11 +174,10 @@ def audit_qa(apply, params, queries, cand_features, bounds: ranks.RankBounds, cl
   """
   eps = validate.check_eps(eps)
   step_size = eps / 10 if step_size is None else step_size
-  rel = np.asarray(query_labels)[:, None] == np.asarray(cand_labels)[None, :]
   clean_rank = np.asarray(clean_rank)
   qi, ci, kk = [], [], []
   for k in validate.check_ks(ks, clean_rank.shape[1]):
-    ok = np.asarray(ranks.verify_top_k(bounds, clean_rank, k)) & rel
+    ok = np.asarray(metrics.certified_pairs(bounds, clean_rank, query_labels, cand_labels, k))
     has = ok.any(axis=1)
     best = np.argmax(np.where(ok, clean_rank, 0), axis=1)
     qi += list(np.flatnonzero(has))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -36,6 +37,14 @@ def recall_at_k(clean_rank, query_labels, cand_labels, ks: Sequence[int]) -> dic
   return {k: float(jnp.mean(best <= k)) for k in ks}
 
 
+def certified_pairs(bounds: ranks_lib.RankBounds, clean_rank, query_labels, cand_labels,
+                    k: int, *, one_sided: bool = False) -> jax.Array:
+  """[Q, N]: c is same-class, in the clean top K, and verified with alpha = K - Rank(q, c)."""
+  (k,) = _check(clean_rank, query_labels, cand_labels, (k,))
+  rel = _relevant(query_labels, cand_labels)
+  return ranks_lib.verify_top_k(bounds, clean_rank, k, one_sided=one_sided) & rel
+
+
 def cr_recall_at_k(bounds: ranks_lib.RankBounds, clean_rank, query_labels, cand_labels,
                    ks: Sequence[int], *, one_sided: bool = False) -> dict[int, float]:
   """Eq. 25: fraction of queries with a same-class candidate c in the clean top K
@@ -44,18 +53,12 @@ def cr_recall_at_k(bounds: ranks_lib.RankBounds, clean_rank, query_labels, cand_
   A certified query provably keeps a same-class image in its top K.
   """
   ks = _check(clean_rank, query_labels, cand_labels, ks)
-  rel = _relevant(query_labels, cand_labels)
-  out = {}
-  for k in ks:
-    ok = ranks_lib.verify_top_k(bounds, clean_rank, k, one_sided=one_sided) & rel
-    out[k] = float(jnp.mean(jnp.any(ok, axis=1)))
-  return out
+  return {k: float(jnp.mean(certified_queries(bounds, clean_rank, query_labels, cand_labels,
+                                              k, one_sided=one_sided))) for k in ks}
 
 
 def certified_queries(bounds: ranks_lib.RankBounds, clean_rank, query_labels, cand_labels,
                       k: int, *, one_sided: bool = False) -> np.ndarray:
   """Per-query booleans behind ``cr_recall_at_k`` for one K: [Q]."""
-  (k,) = _check(clean_rank, query_labels, cand_labels, (k,))
-  rel = _relevant(query_labels, cand_labels)
-  ok = ranks_lib.verify_top_k(bounds, clean_rank, k, one_sided=one_sided) & rel
-  return np.asarray(jnp.any(ok, axis=1))
+  return np.asarray(jnp.any(certified_pairs(bounds, clean_rank, query_labels, cand_labels, k,
+                                            one_sided=one_sided), axis=1))
