@@ -25,6 +25,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory holding the checkpoin
 
 
 def main(argv):
+  sys.stdout.reconfigure(line_buffering=True)   # progress lines show up in logs at once
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   absl_logging.set_verbosity(absl_logging.WARNING)

@@ -1,4 +1,4 @@
-"""Trains a feature extractor (Triplet or TBT); resumes from the latest checkpoint.
+"""Trains a feature extractor (Triplet, ACT, C-IBP, TBT or FCTB); resumes from the latest checkpoint.
 
   python train.py --config=configs/quickstart.py --workdir=runs/quickstart
   python train.py --config=configs/cbir.py:fashion_mnist,large,tbt --workdir=runs/fl \
@@ -24,6 +24,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and r
 
 
 def main(argv):
+  sys.stdout.reconfigure(line_buffering=True)   # progress lines show up in logs at once
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   absl_logging.set_verbosity(absl_logging.WARNING)

@@ -26,13 +26,19 @@ from jaxcert import distance, losses, metrics, ranks, validate
 
 
 def pgd(loss_fn: Callable[[jax.Array], jax.Array], x: jax.Array, eps, *, steps: int,
-        step_size, restarts: int = 1, key: jax.Array | None = None) -> jax.Array:
+        step_size, restarts: int = 1, key: jax.Array | None = None,
+        random_start: bool = False) -> jax.Array:
   """Minimises ``loss_fn(x_adv).sum()`` over ``|x_adv - x|_inf <= eps``, x_adv in [0, 1].
 
   loss_fn maps a batch [B, ...] to per-example losses [B]; examples are attacked
-  independently. The first run starts at x, each further restart at a uniform
-  random point of the ball (``key`` required); per example, the iterate with the
-  lowest final loss is returned.
+  independently. The first run starts at x (at a uniform random point of the
+  ball if ``random_start``), each further restart at a uniform random point
+  (``key`` required for either); per example, the iterate with the lowest final
+  loss is returned.
+
+  The step loop is unrolled: XLA's CPU backend runs a rolled loop of convolutions
+  about 5x slower (measured: 113 ms vs 20 ms per step for the Small model on 200
+  images), and compiling 100 unrolled steps takes a few seconds.
   """
   lo, hi = jnp.clip(x - eps, 0.0, 1.0), jnp.clip(x + eps, 0.0, 1.0)
   grad = jax.grad(lambda z: jnp.sum(loss_fn(z)))
@@ -40,13 +46,20 @@ def pgd(loss_fn: Callable[[jax.Array], jax.Array], x: jax.Array, eps, *, steps: 
   def body(_, z):
     return jnp.clip(z - step_size * jnp.sign(grad(z)), lo, hi)
 
-  best = jax.lax.fori_loop(0, steps, body, x)
+  start = x
+  if random_start:
+    if key is None:
+      raise ValueError("pgd: random_start needs a PRNG key")
+    key, sub = jax.random.split(key)
+    start = jax.random.uniform(sub, x.shape, x.dtype, lo, hi)
+  best = jax.lax.fori_loop(0, steps, body, start, unroll=True)
   if restarts > 1:
     if key is None:
       raise ValueError("pgd: restarts > 1 needs a PRNG key")
     best_loss = loss_fn(best)
     for k in jax.random.split(key, restarts - 1):
-      z = jax.lax.fori_loop(0, steps, body, jax.random.uniform(k, x.shape, x.dtype, lo, hi))
+      z = jax.lax.fori_loop(0, steps, body, jax.random.uniform(k, x.shape, x.dtype, lo, hi),
+                            unroll=True)
       z_loss = loss_fn(z)
       better = (z_loss < best_loss).reshape((-1,) + (1,) * (x.ndim - 1))
       best, best_loss = jnp.where(better, z, best), jnp.minimum(z_loss, best_loss)
@@ -201,3 +214,79 @@ def audit_qa(apply, params, queries, cand_features, bounds: ranks.RankBounds, cl
   return {"claims": int(len(qi)), "broken": int(broken.sum()),
           "max_rank_increase": int(np.max(worst_low - j, initial=0)),
           "max_rank_decrease": int(np.max(j - worst_high, initial=0))}
+
+
+@functools.partial(jax.jit, static_argnames=("apply", "steps", "restarts"))
+def _distance_batch(apply, params, x, target_features, eps, step_size, steps, sign,
+                    restarts=1, key=None):
+  """PGD on each image x_i: minimises ``sign * ||f(x_i + delta) - t_i||`` (sign +1 pulls
+  the image toward its target feature t_i, -1 pushes it away)."""
+  loss = lambda z: sign * losses.safe_norm(apply(params, z) - target_features)
+  return pgd(loss, x, eps, steps=steps, step_size=step_size, restarts=restarts, key=key)
+
+
+def _before(d_a, i_a, d_b, i_b):
+  """Does (distance d_a, index i_a) rank before (d_b, i_b)? Ties go to the lower index,
+  as in ``ranks.clean_ranks``."""
+  return (d_a < d_b) | ((d_a == d_b) & (i_a < i_b))
+
+
+def audit_ca(apply, params, query_features, candidates, cand_features,
+             bounds: ranks.RankBounds, clean_rank, query_labels, cand_labels, ks, eps, *,
+             pool: int = 50, steps: int = 100, step_size=None, restarts: int = 1,
+             seed: int = 0, batch_size: int = 128) -> dict:
+  """Attacks every certified CA claim behind CR-Recall@K (Eq. 25) and counts broken ones.
+
+  Under a candidate attack each candidate has its own perturbation and the query
+  is clean, so the worst case for a claim "c_hat keeps a rank in [2j - K, K]"
+  decomposes per candidate: push c_hat as far from q as possible and every other
+  candidate as near as possible (and the reverse for the lower limit). For each
+  query with a claim, PGD pulls toward f(q) and pushes away from it every
+  claimed candidate and the ``pool`` candidates of smallest clean rank (the
+  ones that can overtake; candidates outside the pool keep their clean
+  distance, itself a feasible point). The ranks these realised distances give
+  are ranks some concrete perturbation reaches, so a claim outside them is a
+  counterexample. Returns counts; ``broken`` must be 0 for sound certificates.
+  """
+  eps = validate.check_eps(eps)
+  step_size = eps / 10 if step_size is None else step_size
+  clean_rank = np.asarray(clean_rank)
+  nq, n = clean_rank.shape
+  ks = validate.check_ks(ks, n)
+  claims = {k: np.asarray(metrics.certified_pairs(bounds, clean_rank, query_labels,
+                                                  cand_labels, k)) for k in ks}
+  any_claim = np.zeros((nq, n), bool)
+  for ok in claims.values():
+    any_claim |= ok
+  queries = np.flatnonzero(any_claim.any(axis=1))
+  qf, cf = np.asarray(query_features), np.asarray(cand_features)
+  d_clean = np.asarray(distance.pairwise_distances(qf, cf))
+  d_min, d_max = d_clean.copy(), d_clean.copy()
+  pairs = [(qi, ci) for qi in queries
+           for ci in np.flatnonzero(any_claim[qi] | (clean_rank[qi] <= pool))]
+  pq = np.asarray([p[0] for p in pairs], np.int64)
+  pc = np.asarray([p[1] for p in pairs], np.int64)
+  embed = jax.jit(apply)
+  for sl in _batches(len(pairs), batch_size):
+    x, t = jnp.asarray(candidates[pc[sl]]), jnp.asarray(qf[pq[sl]])
+    for sign, out, better in ((1.0, d_min, np.minimum), (-1.0, d_max, np.maximum)):
+      key = jax.random.fold_in(jax.random.key(seed + 3), sl.start)
+      adv = _distance_batch(apply, params, x, t, eps, step_size, steps, sign,
+                            restarts=restarts, key=key)
+      with jax.default_matmul_precision("highest"):
+        d = np.linalg.norm(np.asarray(embed(params, adv)) - qf[pq[sl]], axis=1)
+      out[pq[sl], pc[sl]] = better(out[pq[sl], pc[sl]], d)
+  idx = np.arange(n)
+  count = broken = 0
+  max_up = max_down = 0
+  for k, ok in claims.items():
+    for qi, ci in zip(*np.nonzero(ok)):
+      others = idx != ci
+      worst_low = 1 + np.sum(_before(d_min[qi], idx, d_max[qi, ci], ci) & others)
+      worst_high = 1 + np.sum(_before(d_max[qi], idx, d_min[qi, ci], ci) & others)
+      j = clean_rank[qi, ci]
+      count += 1
+      broken += int(worst_low > k or worst_high < 2 * j - k)
+      max_up, max_down = max(max_up, worst_low - j), max(max_down, j - worst_high)
+  return {"claims": int(count), "broken": int(broken), "attacked_pairs": len(pairs),
+          "max_rank_increase": int(max_up), "max_rank_decrease": int(max_down)}

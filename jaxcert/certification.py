@@ -75,7 +75,7 @@ def certify_features(query_features, query_boxes: Interval, query_labels,
 
 def _certify(query_features, query_boxes, query_labels, cand_features, cand_boxes,
              cand_labels, ks):
-  """certify_features, plus (QA bounds, clean ranks) for the audit."""
+  """certify_features, plus (QA bounds, CA bounds, clean ranks) for the audits."""
   q, n = len(query_features), len(cand_features)
   validate.check_gallery(n)
   validate.check_same_dim(query_features, cand_features, "query_features", "cand_features")
@@ -93,7 +93,7 @@ def _certify(query_features, query_boxes, query_labels, cand_features, cand_boxe
                                                       cand_labels, ks)
     out[f"cr_recall_{name}_one_sided"] = metrics.cr_recall_at_k(
         b, clean_rank, query_labels, cand_labels, ks, one_sided=True)
-  return out, qa, clean_rank
+  return out, qa, ca, clean_rank
 
 
 def _attack(apply, params, qx, ql, qf, cx, cl, cf, eps, ks, c, log, seconds) -> dict:
@@ -126,7 +126,7 @@ def certify(config: ml_collections.ConfigDict, workdir: str, *,
   c = config.certify
   eps = validate.check_eps(c.eps, "config.certify.eps")
   ks = validate.check_ks(tuple(c.ks), config.data.num_candidates, "config.certify.ks")
-  for key in ("attack_steps", "ca_sources", "batch_size", "attack_restarts"):
+  for key in ("attack_steps", "ca_sources", "batch_size", "attack_restarts", "audit_pool"):
     if int(c[key]) < 1:
       raise ValueError(f"config.certify.{key} must be >= 1, got {c[key]!r}")
   shape = data_lib.IMAGE_SHAPES.get(config.data.name)
@@ -150,7 +150,7 @@ def certify(config: ml_collections.ConfigDict, workdir: str, *,
   qb = feature_boxes(apply, params, qx, eps, batch_size=c.batch_size)
   cb = feature_boxes(apply, params, cx, eps, batch_size=c.batch_size)
   t1 = time.perf_counter()
-  res, qa_bounds, clean_rank = _certify(qf, qb, ql, cf, cb, cl, ks)
+  res, qa_bounds, ca_bounds, clean_rank = _certify(qf, qb, ql, cf, cb, cl, ks)
   t2 = time.perf_counter()
   log(f"features and IBP boxes: {t1 - t0:.1f}s; rank bounds and metrics: {t2 - t1:.1f}s")
   seconds = {"features_and_boxes": t1 - t0, "certify": t2 - t1}
@@ -160,16 +160,25 @@ def certify(config: ml_collections.ConfigDict, workdir: str, *,
                    "step_size": c.attack_step_size or eps / 10, "seed": c.attack_seed,
                    "restarts": c.attack_restarts}
     res.update(_attack(apply, params, qx, ql, qf, cx, cl, cf, eps, ks, c, log, seconds))
-    t3 = time.perf_counter()
-    attack_info["qa_audit"] = attacks.audit_qa(
-        apply, params, qx, cf, qa_bounds, clean_rank, ql, cl, ks, eps,
-        steps=c.attack_steps, step_size=c.attack_step_size, restarts=c.attack_restarts,
-        seed=c.attack_seed)
-    seconds["qa_audit"] = time.perf_counter() - t3
-    log(f"QA certificate audit: {attack_info['qa_audit']} ({seconds['qa_audit']:.1f}s)")
-    if attack_info["qa_audit"]["broken"]:
-      log("WARNING: an attack broke a certified claim: this is a soundness bug, "
-          "please report it with results.json")
+    if c.audit:
+      kw = dict(steps=c.attack_steps, step_size=c.attack_step_size,
+                restarts=c.attack_restarts, seed=c.attack_seed)
+      t3 = time.perf_counter()
+      attack_info["qa_audit"] = attacks.audit_qa(apply, params, qx, cf, qa_bounds,
+                                                 clean_rank, ql, cl, ks, eps, **kw)
+      t4 = time.perf_counter()
+      attack_info["ca_audit"] = attacks.audit_ca(apply, params, qf, cx, cf, ca_bounds,
+                                                 clean_rank, ql, cl, ks, eps,
+                                                 pool=c.audit_pool, **kw)
+      t5 = time.perf_counter()
+      seconds.update(qa_audit=t4 - t3, ca_audit=t5 - t4)
+      for kind in ("qa", "ca"):
+        au = attack_info[f"{kind}_audit"]
+        log(f"{kind.upper()} certificate audit: {au['broken']} of {au['claims']} certified "
+            f"claims broken ({seconds[kind + '_audit']:.1f}s)")
+        if au["broken"]:
+          log(f"WARNING: an attack broke a certified {kind.upper()} claim: this is a "
+              "soundness bug, please report it with results.json")
 
   results = {
       "method": config.train.method,

@@ -28,7 +28,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.embed_dim = 128
 
   c.train = ml_collections.ConfigDict()
-  c.train.method = "tbt"                 # triplet | tbt
+  c.train.method = "tbt"                 # triplet | act | cibp | tbt | fctb
   c.train.num_steps = 60_000             # 100 epochs of 600 steps (FMNIST, batch 100)
   c.train.batch_size = 100               # triplets per step
   c.train.learning_rate = 1e-3
@@ -39,6 +39,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.kappa = 0.5                    # kappa_e of the TBT ramp
   c.train.ramp_start = 2_000
   c.train.ramp_end = 10_000
+  c.train.act_steps = 10                 # ACT: PGD steps of the anti-collapse attack
+  c.train.act_step_size = config_dict.placeholder(float)  # None: 2.5 * eps / act_steps
+  c.train.init_from = config_dict.placeholder(str)  # FCTB: workdir of the model f0
   c.train.log_every = 200
   c.train.checkpoint_every = 2_000
   c.train.max_to_keep = 3
@@ -54,6 +57,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.certify.ca_sources = 100             # paper: 100 source candidates per query
   c.certify.attack_seed = 0
   c.certify.attack_restarts = 1          # PGD runs per attack; >1 adds random starts
+  c.certify.audit = True                 # attack every certified claim (needs attack)
+  c.certify.audit_pool = 50              # CA audit: competitors attacked per query
 
   c.lock()
   return c

@@ -111,6 +111,7 @@ DEFAULT_SOURCE_DIRS: dict[str, str | None] = {
 }
 
 IMAGE_SHAPES = {"mnist": (28, 28, 1), "fashion_mnist": (28, 28, 1), "cifar10": (32, 32, 3)}
+NUM_CLASSES = {"mnist": 10, "fashion_mnist": 10, "cifar10": 10}
 _CLASS_NAMES = {
     "mnist": [str(i) for i in range(10)],
     "fashion_mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",

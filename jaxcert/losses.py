@@ -1,4 +1,5 @@
-"""Metric-learning losses: Triplet and TBT (CBIR paper Eq. 20).
+"""Training losses of the CBIR paper: Triplet, TBT (Eq. 20), FCTB (Eq. 21) and the
+baselines ACT (Zhou et al., anti-collapse triplet) and C-IBP (Gowal et al.).
 
 All distances are unsquared Euclidean. ``safe_norm`` has a finite gradient at 0
 (training only; certificates use exact norms).
@@ -46,3 +47,51 @@ def tbt_loss(fa, fp, fn, anchor_box: Interval, kappa, margin: float = 1.0):
   reg = bound_gap(anchor_box, fa, fp) + bound_gap(anchor_box, fa, fn)
   loss = kappa * t + (1.0 - kappa) * reg
   return loss, {"triplet": jnp.mean(t), "reg": jnp.mean(reg)}
+
+
+def fctb_loss(f1, f1_ref, f2, box1: Interval, kappa):
+  """Eq. 21 per candidate pair: ``kappa d(f0(c1), f(c1)) + (1-kappa) Reg(c1, c2)``.
+
+  f1 = f(c1), f1_ref = f0(c1) (the frozen pre-trained extractor), f2 = f(c2),
+  box1 = IBP box of f(c1 + delta). Returns (loss [B], aux dict of term means).
+  """
+  keep = safe_norm(f1 - f1_ref)
+  reg = bound_gap(box1, f1, f2)
+  loss = kappa * keep + (1.0 - kappa) * reg
+  return loss, {"keep": jnp.mean(keep), "reg": jnp.mean(reg)}
+
+
+def collapse_distance(fp: jax.Array, fn: jax.Array) -> jax.Array:
+  """ACT's attack objective: ``d(f(p'), f(n'))``, minimised by PGD on (p', n') -> [B]."""
+  return safe_norm(fp - fn)
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Softmax cross-entropy per example: logits [B, C], integer labels [B] -> [B]."""
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  return -jnp.take_along_axis(logp, labels[:, None], axis=-1)[:, 0]
+
+
+def elided_worst_logits(box: Interval, w: jax.Array, b: jax.Array,
+                        labels: jax.Array) -> jax.Array:
+  """Worst-case logits of a linear head over an embedding box, with elision.
+
+  For the head ``z = f W + b`` (W [d, C]) and true class y, the specification
+  ``z_y - z_j`` is linear in f, so it is folded into the last layer (Gowal et al.):
+  its exact minimum over the box is ``c . (w_y - w_j) - r . |w_y - w_j| + b_y - b_j``
+  (c, r the box centre and radius). Returns ``-min(z_y - z_j)`` per class [B, C]
+  (0 at j = y): the logits of the worst case, fed to the cross-entropy.
+  """
+  diff = w.T[labels][:, None, :] - w.T[None]              # [B, C, d]: w_y - w_j
+  lower = (jnp.einsum("bcd,bd->bc", diff, box.center)
+           - jnp.einsum("bcd,bd->bc", jnp.abs(diff), box.radius)
+           + (b[labels][:, None] - b[None]))
+  return -lower
+
+
+def cibp_loss(features, box: Interval, w, b, labels, kappa):
+  """C-IBP: ``kappa CE(f W + b, y) + (1 - kappa) CE(worst-case logits, y)`` -> [B], aux."""
+  clean = cross_entropy(features @ w + b, labels)
+  robust = cross_entropy(elided_worst_logits(box, w, b, labels), labels)
+  loss = kappa * clean + (1.0 - kappa) * robust
+  return loss, {"ce_clean": jnp.mean(clean), "ce_robust": jnp.mean(robust)}

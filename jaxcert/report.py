@@ -59,10 +59,11 @@ def markdown_table(results: dict) -> str:
   if attack:
     lines += ["", f"ER: PGD, {attack['steps']} steps of {attack['step_size']:.4g}, "
               f"QA one target per query, CA {attack['ca_sources']} sources per query."]
-    audit = attack.get("qa_audit")
-    if audit:
-      lines += [f"QA certificate audit: {audit['broken']} of {audit['claims']} certified "
-                "claims broken by PGD (must be 0)."]
+    for kind in ("qa", "ca"):
+      audit = attack.get(f"{kind}_audit")
+      if audit:
+        lines += [f"{kind.upper()} certificate audit: {audit['broken']} of "
+                  f"{audit['claims']} certified claims broken by PGD (must be 0)."]
   return "\n".join(lines)
 
 
@@ -109,4 +110,19 @@ def write_report(out_dir: str, results: dict) -> None:
       os.replace(tmp, out_dir)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
+def atomic_write_text(path: str, text: str) -> None:
+  """Writes ``text`` to ``path`` via a temporary file in the same directory + rename."""
+  parent = os.path.dirname(path) or "."
+  os.makedirs(parent, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".tmp-", dir=parent)
+  try:
+    with os.fdopen(fd, "w") as f:
+      f.write(text)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
     raise

@@ -1,4 +1,25 @@
-"""Training feature extractors: Triplet and TBT (CBIR paper Sec. 4.1, Eq. 20).
+"""Training feature extractors (CBIR paper Sec. 4, 5.1.4).
+
+Methods (``config.train.method``):
+
+- ``triplet``: the triplet loss with margin ``train.margin``.
+- ``act``: anti-collapse triplet adversarial training (Zhou et al.): PGD moves
+  each triplet's positive and negative toward each other in feature space
+  (``train.act_steps`` steps of ``train.act_step_size``, default ``2.5 eps /
+  steps``, random start) inside the l_inf ball; the triplet loss is trained on
+  them with the clean anchor.
+- ``cibp``: a linear classification head on the embedding trained with
+  ``kappa CE(clean) + (1 - kappa) CE(worst-case logits)`` from IBP, the
+  specification folded into the head (elision, Gowal et al.); the retrieval
+  model is the embedding before the head.
+- ``tbt``: Eq. 20, the triplet loss plus the bound-gap regulariser on the
+  anchor's IBP box.
+- ``fctb``: Eq. 21, fine-tuning a trained extractor f0 (``train.init_from``,
+  its workdir) on pairs from the candidate set C (the same C that
+  ``certify.py`` uses), with fixed eps and kappa.
+
+eps ramps 0 -> ``train.eps`` and kappa 1 -> ``train.kappa`` between
+``train.ramp_start`` and ``train.ramp_end`` (a step ramp when they are equal).
 
 ``train(config, workdir)`` is what ``train.py`` runs. It is resumable: the state
 ``{"params", "opt_state", "step"}`` is checkpointed with orbax every
@@ -10,7 +31,9 @@ uninterrupted one.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import json
 import os
 import time
 from typing import Any, Callable
@@ -23,10 +46,10 @@ import optax
 
 from jaxcert import checkpoint as ckpt_lib
 from jaxcert import data as data_lib
-from jaxcert import losses, models, validate
+from jaxcert import attacks, losses, models, validate
 from jaxcert.interval import ibp, input_box
 
-METHODS = ("triplet", "tbt")
+METHODS = ("triplet", "act", "cibp", "tbt", "fctb")
 
 
 # ---------------------------------------------------------------- schedules
@@ -98,34 +121,115 @@ class TripletSampler:
     return np.stack([a, p, n])
 
 
+class PairSampler:
+  """Random (c1, c2) index pairs from C x C with c1 != c2, deterministic per step (FCTB)."""
+
+  def __init__(self, n: int, seed: int):
+    if n < 2:
+      raise ValueError(f"FCTB needs at least 2 candidates, got {n}")
+    self.n, self.seed = n, seed
+
+  def __call__(self, step: int, batch_size: int) -> np.ndarray:
+    rng = np.random.default_rng((self.seed, 1, int(step)))
+    i = rng.integers(0, self.n, batch_size)
+    j = (i + rng.integers(1, self.n, batch_size)) % self.n
+    return np.stack([i, j])
+
+
 # ---------------------------------------------------------------- train step
 
 
-def make_train_step(apply, optimizer: optax.GradientTransformation, method: str,
-                    margin: float):
-  """Jitted ``step(state, images, eps, kappa) -> (state, metrics)``.
+def init_head(config: ml_collections.ConfigDict, num_classes: int) -> dict:
+  """C-IBP's linear head on the embedding: w [d, C] (LeCun normal), b [C] zeros."""
+  d = config.model.embed_dim
+  key = jax.random.fold_in(jax.random.key(config.seed), 7)
+  w = jax.random.normal(key, (d, num_classes), jnp.float32) / np.sqrt(d)
+  return {"w": w, "b": jnp.zeros((num_classes,), jnp.float32)}
 
-  images: float32 [3, B, H, W, C] (anchor, positive, negative) in [0, 1].
-  TBT: Eq. 20 with the anchor's IBP box at ``eps``; Triplet: margin loss only.
+
+def _trainable(state: dict) -> dict:
+  return {k: state[k] for k in ("params", "head") if k in state}
+
+
+def init_state(config: ml_collections.ConfigDict, params: dict,
+               optimizer: optax.GradientTransformation) -> dict:
+  """The checkpointed training state of ``config.train.method``.
+
+  ``{"params", "opt_state", "step"}``, plus ``"head"`` (the classification head)
+  for C-IBP; the optimizer state covers every trainable part.
   """
+  state = {"params": params}
+  if config.train.method == "cibp":
+    state["head"] = init_head(config, data_lib.NUM_CLASSES[config.data.name])
+  state["opt_state"] = optimizer.init(_trainable(state))
+  state["step"] = jnp.zeros((), jnp.int32)
+  return state
 
-  def loss_fn(params, images, eps, kappa):
+
+def make_train_step(apply, optimizer: optax.GradientTransformation, method: str,
+                    cfg: ml_collections.ConfigDict, seed: int = 0):
+  """Jitted ``step(state, batch, eps, kappa) -> (state, metrics)``.
+
+  ``batch`` by method (images float32 in [0, 1]):
+  triplet/act/tbt: ``{"images": [3, B, H, W, C]}`` (anchor, positive, negative);
+  cibp: ``{"images": [B, H, W, C], "labels": [B]}``;
+  fctb: ``{"images": [2, B, H, W, C], "ref": [B, d]}`` (c1, c2 and f0(c1)).
+  ``cfg`` is ``config.train``. ACT's random PGD start is keyed by (seed, step).
+  """
+  if method not in METHODS:
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+  margin = cfg.margin
+
+  def act_images(params, images, eps, step):
+    steps = int(cfg.act_steps)
+    size = cfg.act_step_size if cfg.act_step_size is not None else 2.5 * eps / steps
+
+    def collapse(z):  # z [B, 2, ...]: (positive, negative) moved jointly
+      f = apply(params, z.reshape((-1,) + z.shape[2:])).reshape(z.shape[0], 2, -1)
+      return losses.collapse_distance(f[:, 0], f[:, 1])
+
+    pn = jnp.stack([images[1], images[2]], axis=1)
+    key = jax.random.fold_in(jax.random.key(seed), step)
+    adv = attacks.pgd(collapse, pn, eps, steps=steps, step_size=size, key=key,
+                      random_start=True)
+    adv = jax.lax.stop_gradient(adv)
+    return jnp.stack([images[0], adv[:, 0], adv[:, 1]])
+
+  def loss_fn(trainable, batch, eps, kappa):
+    params = trainable["params"]
+    images = batch["images"]
+    box_of = lambda x: ibp(lambda z: apply(params, z))(input_box(x, eps))
+    if method == "cibp":
+      feats = apply(params, images)
+      head = trainable["head"]
+      loss, aux = losses.cibp_loss(feats, box_of(images), head["w"], head["b"],
+                                   batch["labels"], kappa)
+      return jnp.mean(loss), aux
+    if method == "fctb":
+      b = images.shape[1]
+      feats = apply(params, images.reshape((-1,) + images.shape[2:]))
+      loss, aux = losses.fctb_loss(feats[:b], batch["ref"], feats[b:], box_of(images[0]),
+                                   kappa)
+      return jnp.mean(loss), aux
     b = images.shape[1]
     feats = apply(params, images.reshape((-1,) + images.shape[2:]))
     fa, fp, fn = feats[:b], feats[b:2 * b], feats[2 * b:]
-    if method == "triplet":
+    if method in ("triplet", "act"):
       t = losses.triplet_loss(fa, fp, fn, margin)
       return jnp.mean(t), {"triplet": jnp.mean(t)}
-    box = ibp(lambda x: apply(params, x))(input_box(images[0], eps))
-    loss, aux = losses.tbt_loss(fa, fp, fn, box, kappa, margin)
+    loss, aux = losses.tbt_loss(fa, fp, fn, box_of(images[0]), kappa, margin)
     return jnp.mean(loss), aux
 
-  def step(state, images, eps, kappa):
+  def step(state, batch, eps, kappa):
+    trainable = _trainable(state)
+    if method == "act":   # the attack is not differentiated through
+      batch = dict(batch, images=act_images(state["params"], batch["images"], eps,
+                                            state["step"]))
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state["params"], images, eps, kappa)
-    updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1}
+        trainable, batch, eps, kappa)
+    updates, opt_state = optimizer.update(grads, state["opt_state"], trainable)
+    new_state = dict(optax.apply_updates(trainable, updates))
+    new_state.update(opt_state=opt_state, step=state["step"] + 1)
     return new_state, {"loss": loss, **aux}
 
   return jax.jit(step, donate_argnums=(0,))
@@ -137,8 +241,7 @@ def make_train_step(apply, optimizer: optax.GradientTransformation, method: str,
 def check_config(config: ml_collections.ConfigDict) -> None:
   t = config.train
   if t.method not in METHODS:
-    raise ValueError(f"config.train.method must be one of {METHODS}, got {t.method!r} "
-                     "(act, cibp and fctb are not implemented yet)")
+    raise ValueError(f"config.train.method must be one of {METHODS}, got {t.method!r}")
   validate.check_eps(t.eps, "config.train.eps")
   if not 0.0 <= t.kappa <= 1.0:
     raise ValueError(f"config.train.kappa must lie in [0, 1], got {t.kappa!r}")
@@ -148,6 +251,14 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if t.ramp_start < 0 or t.ramp_end < t.ramp_start:
     raise ValueError("config.train.ramp_start/ramp_end must satisfy 0 <= start <= end, "
                      f"got {t.ramp_start!r}, {t.ramp_end!r}")
+  if int(t.act_steps) < 1:
+    raise ValueError(f"config.train.act_steps must be >= 1, got {t.act_steps!r}")
+  if t.act_step_size is not None and not t.act_step_size > 0:
+    raise ValueError(f"config.train.act_step_size must be > 0 or None, got "
+                     f"{t.act_step_size!r}")
+  if t.method == "fctb" and not t.init_from:
+    raise ValueError("config.train.init_from is required for method 'fctb': the workdir "
+                     "of the trained extractor f0 to fine-tune (e.g. a TBT run)")
   if not t.learning_rate > 0:
     raise ValueError(f"config.train.learning_rate must be > 0, got {t.learning_rate!r}")
 
@@ -178,6 +289,37 @@ def build_model(config: ml_collections.ConfigDict, input_shape):
   return graphdef, params
 
 
+def _features(apply, params, images: np.ndarray, batch_size: int = 250) -> jax.Array:
+  """f(x) for uint8 images [N, ...] at full float32 matmul precision -> [N, d]."""
+  fn = jax.jit(apply)
+  with jax.default_matmul_precision("highest"):
+    out = [fn(params, jnp.asarray(images[i:i + batch_size], jnp.float32) / 255.0)
+           for i in range(0, len(images), batch_size)]
+  return jnp.concatenate(out)
+
+
+def load_init(config: ml_collections.ConfigDict, init_dir: str, input_shape) -> dict:
+  """Parameters of the extractor f0 that FCTB fine-tunes: the latest checkpoint of
+  the run in ``init_dir`` (its ``config.json`` gives the method it was trained with).
+  """
+  cfg_path = os.path.join(init_dir, "config.json")
+  if not os.path.isfile(cfg_path):
+    raise ckpt_lib.CheckpointError(
+        f"config.train.init_from={init_dir!r} has no config.json: it must be the workdir "
+        "of a finished train.py run (e.g. the TBT model to fine-tune)")
+  with open(cfg_path) as f:
+    init_cfg = json.load(f)
+  f0 = copy.deepcopy(config)
+  for section, key in (("model", "arch"), ("model", "embed_dim"), ("data", "name")):
+    theirs = init_cfg.get(section, {}).get(key)
+    if theirs != config[section][key]:
+      raise ValueError(f"config.train.init_from={init_dir!r} was trained with "
+                       f"{section}.{key}={theirs!r}, this run has {config[section][key]!r}")
+  f0.train.method = init_cfg.get("train", {}).get("method", "tbt")
+  _, params, _ = load_trained(f0, init_dir, input_shape)
+  return params
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, *,
           log: Callable[[str], None] = print) -> TrainResult:
   """Trains (or resumes) the feature extractor described by ``config`` in ``workdir``.
@@ -188,24 +330,36 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   """
   check_config(config)
   t = config.train
-  split = data_lib.load(config.data.name, "train", data_dir=config.data.data_dir,
-                        source_dir=config.data.source_dir)
-  images = split.images
-  sampler = TripletSampler(split.labels, config.seed)
+  if t.method == "fctb":   # Eq. 21 fine-tunes on the candidate set of certify.py
+    split = data_lib.load(config.data.name, "test", data_dir=config.data.data_dir,
+                          source_dir=config.data.source_dir)
+    _, c_idx = data_lib.query_candidate_split(split.labels, config.data.num_queries,
+                                              config.data.num_candidates,
+                                              config.data.split_seed)
+    images, labels = split.images[c_idx], split.labels[c_idx]
+    sampler = PairSampler(len(images), config.seed)
+  else:
+    split = data_lib.load(config.data.name, "train", data_dir=config.data.data_dir,
+                          source_dir=config.data.source_dir)
+    images, labels = split.images, split.labels
+    sampler = TripletSampler(labels, config.seed)
   graphdef, params = build_model(config, images.shape[1:])
   apply = models.apply_fn(graphdef)
 
   lr = lr_schedule(t)
   optimizer = optax.adam(lr)
-  state = {"params": params, "opt_state": optimizer.init(params),
-           "step": jnp.zeros((), jnp.int32)}
+  ref = None
+  if t.method == "fctb":
+    params = load_init(config, t.init_from, images.shape[1:])
+    ref = _features(apply, params, images)     # f0(c), frozen
+  state = init_state(config, params, optimizer)
 
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json(indent=2))
 
   eps_fn, kappa_fn = eps_schedule(t), kappa_schedule(t)
-  step_fn = make_train_step(apply, optimizer, t.method, t.margin)
+  step_fn = make_train_step(apply, optimizer, t.method, t, seed=config.seed)
   metrics: dict = {}
   with ckpt_lib.Checkpointer(workdir, max_to_keep=t.max_to_keep) as ckpt:
     latest = ckpt.latest_step()
@@ -215,12 +369,20 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     start = int(state["step"])
     if start >= t.num_steps:
       log(f"already trained: step {start} >= num_steps {t.num_steps}")
+    what = (f"{len(images)} candidates, f0 from {t.init_from}" if t.method == "fctb"
+            else f"{len(images)} images")
     log(f"training {config.model.arch} with {t.method} on {config.data.name} "
-        f"({len(images)} images), steps {start}..{t.num_steps}, batch {t.batch_size}")
+        f"({what}), steps {start}..{t.num_steps}, batch {t.batch_size}")
     t0, s0 = time.perf_counter(), start
     for step in range(start, t.num_steps):
       idx = sampler(step, t.batch_size)
-      batch = jnp.asarray(images[idx], jnp.float32) / 255.0
+      if t.method == "cibp":
+        batch = {"images": jnp.asarray(images[idx[0]], jnp.float32) / 255.0,
+                 "labels": jnp.asarray(labels[idx[0]], jnp.int32)}
+      else:
+        batch = {"images": jnp.asarray(images[idx], jnp.float32) / 255.0}
+      if ref is not None:
+        batch["ref"] = ref[idx[0]]
       eps, kappa = eps_fn(step), kappa_fn(step)
       state, m = step_fn(state, batch, eps, kappa)
       loss = float(m["loss"])
@@ -235,8 +397,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
         metrics = {k: float(v) for k, v in m.items()}
         rate = (done - s0) / max(time.perf_counter() - t0, 1e-9)
         terms = " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "loss")
-        sched = (f"eps {float(eps):.4f} kappa {float(kappa):.3f} "
-                 if t.method == "tbt" else "")
+        sched = {"triplet": "", "act": f"eps {float(eps):.4f} "}.get(
+            t.method, f"eps {float(eps):.4f} kappa {float(kappa):.3f} ")
         log(f"step {done}/{t.num_steps} | loss {loss:.4f} ({terms}) | "
             f"{sched}lr {float(lr(step)):.1e} | "
             f"{rate:.1f} steps/s | ETA {_fmt_time((t.num_steps - done) / rate)}")
@@ -247,8 +409,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
 def load_trained(config: ml_collections.ConfigDict, workdir: str, input_shape):
   """(graphdef, params, step) from the latest checkpoint in ``workdir``."""
   graphdef, params = build_model(config, input_shape)
-  optimizer = optax.adam(lr_schedule(config.train))
-  target = {"params": params, "opt_state": optimizer.init(params),
-            "step": jnp.zeros((), jnp.int32)}
+  target = init_state(config, params, optax.adam(lr_schedule(config.train)))
   step, state = ckpt_lib.restore_latest(workdir, target)
   return graphdef, state["params"], step

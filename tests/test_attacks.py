@@ -115,3 +115,33 @@ def test_pgd_restarts_never_worse_and_stay_in_ball(cnn):
   assert bool(jnp.all(bowl(freed) < -0.1))
   with pytest.raises(ValueError, match="PRNG key"):
     attacks.pgd(bowl, x, 0.1, steps=2, step_size=0.01, restarts=2)
+
+
+def test_ca_audit_finds_planted_unsound_certificate_and_passes_real_ones(setup):
+  apply, q, c, ql, cl = setup
+  qf, cf = apply(None, q), apply(None, c)
+  _, rank = ranks.clean_ranks(distance.pairwise_distances(qf, cf))
+  ks = (3, 10)
+  planted = ranks.RankBounds(lower=rank, upper=rank)   # "no candidate attack moves ranks"
+  res = attacks.audit_ca(apply, None, qf, c, cf, planted, rank, ql, cl, ks, 0.1, steps=20,
+                         pool=20)
+  assert res["claims"] > 0 and res["broken"] > 0
+  assert res["max_rank_increase"] > 0 and res["max_rank_decrease"] > 0
+  eps = 0.002
+  cb = ibp(lambda x: apply(None, x))(input_box(c, eps))
+  real = ranks.ca_rank_bounds(cb, qf)
+  res = attacks.audit_ca(apply, None, qf, c, cf, real, rank, ql, cl, ks, eps, steps=20,
+                         pool=40)
+  assert res["claims"] > 0 and res["broken"] == 0
+
+
+def test_query_attack_lowers_recall_of_an_undefended_model(setup):
+  apply, q, c, ql, cl = setup
+  qf, cf = apply(None, q), apply(None, c)
+  _, rank = ranks.clean_ranks(distance.pairwise_distances(qf, cf))
+  nearest = np.argmin(np.asarray(rank), axis=1)
+  ql = cl[nearest]                      # every query's nearest candidate is relevant
+  clean = attacks.er_recall_qa(qf, cf, ql, cl, (1,))[1]
+  adv, _ = attacks.query_attack(apply, None, q, ql, cf, cl, 0.1, steps=30)
+  attacked = attacks.er_recall_qa(apply(None, adv), cf, ql, cl, (1,))[1]
+  assert clean == 1.0 and attacked <= 0.5, attacked
