@@ -42,6 +42,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.act_steps = 10                 # ACT: PGD steps of the anti-collapse attack
   c.train.act_step_size = config_dict.placeholder(float)  # None: 2.5 * eps / act_steps
   c.train.init_from = config_dict.placeholder(str)  # FCTB: workdir of the model f0
+  c.train.cibp_elision = True            # C-IBP: fold the margin into the head
   c.train.log_every = 200
   c.train.checkpoint_every = 2_000
   c.train.max_to_keep = 3

@@ -89,9 +89,26 @@ def elided_worst_logits(box: Interval, w: jax.Array, b: jax.Array,
   return -lower
 
 
-def cibp_loss(features, box: Interval, w, b, labels, kappa):
-  """C-IBP: ``kappa CE(f W + b, y) + (1 - kappa) CE(worst-case logits, y)`` -> [B], aux."""
+def naive_worst_logits(box: Interval, w: jax.Array, b: jax.Array,
+                       labels: jax.Array) -> jax.Array:
+  """Worst-case logits without elision: the head's logit box ``[zl, zu]`` (IBP through
+  ``f W + b``), then ``zu_j - zl_y`` per class (0 at j = y). Never below the elided
+  values, usually far above: it ignores that z_y and z_j move together. -> [B, C]."""
+  zc = box.center @ w + b
+  zr = box.radius @ jnp.abs(w)
+  lower_y = jnp.take_along_axis(zc - zr, labels[:, None], axis=1)
+  worst = zc + zr - lower_y
+  return jnp.where(jnp.arange(w.shape[1])[None] == labels[:, None], 0.0, worst)
+
+
+def cibp_loss(features, box: Interval, w, b, labels, kappa, elision: bool = True):
+  """C-IBP: ``kappa CE(f W + b, y) + (1 - kappa) CE(worst-case logits, y)`` -> [B], aux.
+
+  ``elision`` (Gowal et al.'s choice) uses ``elided_worst_logits``; without it the
+  looser ``naive_worst_logits``.
+  """
   clean = cross_entropy(features @ w + b, labels)
-  robust = cross_entropy(elided_worst_logits(box, w, b, labels), labels)
+  worst_fn = elided_worst_logits if elision else naive_worst_logits
+  robust = cross_entropy(worst_fn(box, w, b, labels), labels)
   loss = kappa * clean + (1.0 - kappa) * robust
   return loss, {"ce_clean": jnp.mean(clean), "ce_robust": jnp.mean(robust)}

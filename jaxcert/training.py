@@ -10,8 +10,9 @@ Methods (``config.train.method``):
   them with the clean anchor.
 - ``cibp``: a linear classification head on the embedding trained with
   ``kappa CE(clean) + (1 - kappa) CE(worst-case logits)`` from IBP, the
-  specification folded into the head (elision, Gowal et al.); the retrieval
-  model is the embedding before the head.
+  specification folded into the head (elision, Gowal et al.; ``train.cibp_elision
+  = False`` bounds the logits by plain IBP instead); the retrieval model is the
+  embedding before the head.
 - ``tbt``: Eq. 20, the triplet loss plus the bound-gap regulariser on the
   anchor's IBP box.
 - ``fctb``: Eq. 21, fine-tuning a trained extractor f0 (``train.init_from``,
@@ -203,7 +204,7 @@ def make_train_step(apply, optimizer: optax.GradientTransformation, method: str,
       feats = apply(params, images)
       head = trainable["head"]
       loss, aux = losses.cibp_loss(feats, box_of(images), head["w"], head["b"],
-                                   batch["labels"], kappa)
+                                   batch["labels"], kappa, elision=cfg.cibp_elision)
       return jnp.mean(loss), aux
     if method == "fctb":
       b = images.shape[1]

@@ -56,6 +56,32 @@ class ElisionTest(chex.TestCase):
     np.testing.assert_allclose(aux["ce_robust"], aux["ce_clean"], rtol=1e-5)
 
 
+def test_cibp_without_elision_hand_value_and_order():
+  # d = 1, w = [[1, 0.5]], f in [0.25, 0.75]: z0 - z1 = 0.5 f has exact minimum 0.125
+  # (worst logit -0.125); without elision z1's upper bound minus z0's lower bound is
+  # 0.375 - 0.25 = 0.125, as if f could be 0.25 and 0.75 at once.
+  w, b = jnp.array([[1.0, 0.5]]), jnp.zeros(2)
+  box = Interval(jnp.array([[0.25]]), jnp.array([[0.75]]))
+  lab = jnp.array([0])
+  np.testing.assert_allclose(losses.elided_worst_logits(box, w, b, lab), [[0.0, -0.125]],
+                             atol=1e-7)
+  np.testing.assert_allclose(losses.naive_worst_logits(box, w, b, lab), [[0.0, 0.125]],
+                             atol=1e-7)
+  rng = np.random.default_rng(1)
+  w = jnp.asarray(rng.normal(size=(5, 4)), jnp.float32)
+  b = jnp.asarray(rng.normal(size=4), jnp.float32)
+  lo = jnp.asarray(rng.normal(size=(6, 5)), jnp.float32)
+  box = Interval(lo, lo + jnp.asarray(rng.uniform(0, 1, (6, 5)), jnp.float32))
+  lab = jnp.asarray(rng.integers(0, 4, 6))
+  naive = losses.naive_worst_logits(box, w, b, lab)
+  exact = losses.elided_worst_logits(box, w, b, lab)
+  assert bool(jnp.all(naive >= exact - 1e-5)) and bool(jnp.any(naive > exact + 1e-3))
+  f = box.center
+  _, a1 = losses.cibp_loss(f, box, w, b, lab, 0.5, elision=True)
+  _, a2 = losses.cibp_loss(f, box, w, b, lab, 0.5, elision=False)
+  assert float(a2["ce_robust"]) > float(a1["ce_robust"])
+
+
 def test_fctb_loss_hand_value():
   f1 = jnp.array([[3.0, 4.0]])
   ref = jnp.zeros((1, 2))
