@@ -22,12 +22,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcert import distance, losses, metrics, ranks, validate
+from jaxcert import distance, losses, metrics, models, ranks, validate
 
 
 def pgd(loss_fn: Callable[[jax.Array], jax.Array], x: jax.Array, eps, *, steps: int,
         step_size, restarts: int = 1, key: jax.Array | None = None,
-        random_start: bool = False) -> jax.Array:
+        random_start: bool = False, unroll: bool = True) -> jax.Array:
   """Minimises ``loss_fn(x_adv).sum()`` over ``|x_adv - x|_inf <= eps``, x_adv in [0, 1].
 
   loss_fn maps a batch [B, ...] to per-example losses [B]; examples are attacked
@@ -36,9 +36,9 @@ def pgd(loss_fn: Callable[[jax.Array], jax.Array], x: jax.Array, eps, *, steps: 
   (``key`` required for either); per example, the iterate with the lowest final
   loss is returned.
 
-  The step loop is unrolled: XLA's CPU backend runs a rolled loop of convolutions
-  about 5x slower (measured: 113 ms vs 20 ms per step for the Small model on 200
-  images), and compiling 100 unrolled steps takes a few seconds.
+  The step loop is unrolled by default: XLA's CPU backend runs a rolled loop of
+  convolutions several times slower (``bench/attack_throughput.py`` measures both),
+  and compiling 100 unrolled steps takes a few seconds.
   """
   lo, hi = jnp.clip(x - eps, 0.0, 1.0), jnp.clip(x + eps, 0.0, 1.0)
   grad = jax.grad(lambda z: jnp.sum(loss_fn(z)))
@@ -52,14 +52,14 @@ def pgd(loss_fn: Callable[[jax.Array], jax.Array], x: jax.Array, eps, *, steps: 
       raise ValueError("pgd: random_start needs a PRNG key")
     key, sub = jax.random.split(key)
     start = jax.random.uniform(sub, x.shape, x.dtype, lo, hi)
-  best = jax.lax.fori_loop(0, steps, body, start, unroll=True)
+  best = jax.lax.fori_loop(0, steps, body, start, unroll=unroll)
   if restarts > 1:
     if key is None:
       raise ValueError("pgd: restarts > 1 needs a PRNG key")
     best_loss = loss_fn(best)
     for k in jax.random.split(key, restarts - 1):
       z = jax.lax.fori_loop(0, steps, body, jax.random.uniform(k, x.shape, x.dtype, lo, hi),
-                            unroll=True)
+                            unroll=unroll)
       z_loss = loss_fn(z)
       better = (z_loss < best_loss).reshape((-1,) + (1,) * (x.ndim - 1))
       best, best_loss = jnp.where(better, z, best), jnp.minimum(z_loss, best_loss)
@@ -174,6 +174,36 @@ def er_recall_ca(query_features, cand_features, sources, attacked_source_feature
   return metrics.recall_at_k(rank, query_labels, cand_labels, ks)
 
 
+def _claims(bounds, clean_rank, query_labels, cand_labels, ks):
+  """The certified claims behind CR-Recall@K: ({K: [Q, N] bool}, (q, c) index arrays of
+  the pairs certified at some K)."""
+  ks = validate.check_ks(ks, clean_rank.shape[1])
+  claims = {k: np.asarray(metrics.certified_pairs(bounds, clean_rank, query_labels,
+                                                  cand_labels, k)) for k in ks}
+  qi, ci = np.nonzero(np.any(np.stack(list(claims.values())), axis=0))
+  return claims, qi, ci
+
+
+def _score(claims, qi, ci, clean_rank, worst_low, worst_high) -> dict:
+  """Counts the claims that the attacked ranks of each pair (qi, ci) break: a claim at K
+  for a pair of clean rank j holds while ``2j - K <= rank <= K``."""
+  j = clean_rank[qi, ci]
+  count = broken = 0
+  for k, ok in claims.items():
+    mine = ok[qi, ci]
+    count += int(mine.sum())
+    broken += int(np.sum(mine & ((worst_low > k) | (worst_high < 2 * j - k))))
+  return {"claims": count, "broken": broken, "attacked_pairs": int(len(qi)),
+          "max_rank_increase": int(np.max(worst_low - j, initial=0)),
+          "max_rank_decrease": int(np.max(j - worst_high, initial=0))}
+
+
+def _before(d_a, i_a, d_b, i_b):
+  """Does (distance d_a, index i_a) rank before (d_b, i_b)? Ties go to the lower index,
+  as in ``ranks.clean_ranks``."""
+  return (d_a < d_b) | ((d_a == d_b) & (i_a < i_b))
+
+
 def audit_qa(apply, params, queries, cand_features, bounds: ranks.RankBounds, clean_rank,
              query_labels, cand_labels, ks, eps, *, steps: int = 100, step_size=None,
              restarts: int = 1, seed: int = 0, batch_size: int = 128) -> dict:
@@ -190,10 +220,7 @@ def audit_qa(apply, params, queries, cand_features, bounds: ranks.RankBounds, cl
   eps = validate.check_eps(eps)
   step_size = eps / 10 if step_size is None else step_size
   clean_rank = np.asarray(clean_rank)
-  ks = validate.check_ks(ks, clean_rank.shape[1])
-  claims = {k: np.asarray(metrics.certified_pairs(bounds, clean_rank, query_labels,
-                                                  cand_labels, k)) for k in ks}
-  qi, ci = np.nonzero(np.any(np.stack(list(claims.values())), axis=0))
+  claims, qi, ci = _claims(bounds, clean_rank, query_labels, cand_labels, ks)
   cf = jnp.asarray(cand_features)
   idx = jnp.arange(cf.shape[0])
   worst_low = np.zeros(len(qi), np.int64)   # largest rank reached (pushed down)
@@ -204,20 +231,11 @@ def audit_qa(apply, params, queries, cand_features, bounds: ranks.RankBounds, cl
       key = jax.random.fold_in(jax.random.key(seed + 2), sl.start)
       adv = _qa_batch(apply, params, x, cf[t], cf, eps, step_size, steps, sign=sign,
                       restarts=restarts, key=key)
-      with jax.default_matmul_precision("highest"):
-        d = distance.pairwise_distances(jax.jit(apply)(params, adv), cf)
+      d = distance.pairwise_distances(models.embed(apply, params, np.asarray(adv)), cf)
       d_t = jnp.take_along_axis(d, t[:, None], axis=1)
       ahead = _before(d, idx[None], d_t, t[:, None]) & (idx[None] != t[:, None])
       out[sl] = np.asarray(1 + jnp.sum(ahead, axis=1))
-  j = clean_rank[qi, ci]
-  count = broken = 0
-  for k, ok in claims.items():
-    mine = ok[qi, ci]
-    count += int(mine.sum())
-    broken += int(np.sum(mine & ((worst_low > k) | (worst_high < 2 * j - k))))
-  return {"claims": count, "broken": broken, "attacked_pairs": int(len(qi)),
-          "max_rank_increase": int(np.max(worst_low - j, initial=0)),
-          "max_rank_decrease": int(np.max(j - worst_high, initial=0))}
+  return _score(claims, qi, ci, clean_rank, worst_low, worst_high)
 
 
 @functools.partial(jax.jit, static_argnames=("apply", "steps", "restarts"))
@@ -227,12 +245,6 @@ def _distance_batch(apply, params, x, target_features, eps, step_size, steps, si
   the image toward its target feature t_i, -1 pushes it away)."""
   loss = lambda z: sign * losses.safe_norm(apply(params, z) - target_features)
   return pgd(loss, x, eps, steps=steps, step_size=step_size, restarts=restarts, key=key)
-
-
-def _before(d_a, i_a, d_b, i_b):
-  """Does (distance d_a, index i_a) rank before (d_b, i_b)? Ties go to the lower index,
-  as in ``ranks.clean_ranks``."""
-  return (d_a < d_b) | ((d_a == d_b) & (i_a < i_b))
 
 
 def audit_ca(apply, params, query_features, candidates, cand_features,
@@ -255,42 +267,30 @@ def audit_ca(apply, params, query_features, candidates, cand_features,
   eps = validate.check_eps(eps)
   step_size = eps / 10 if step_size is None else step_size
   clean_rank = np.asarray(clean_rank)
-  nq, n = clean_rank.shape
-  ks = validate.check_ks(ks, n)
-  claims = {k: np.asarray(metrics.certified_pairs(bounds, clean_rank, query_labels,
-                                                  cand_labels, k)) for k in ks}
-  any_claim = np.zeros((nq, n), bool)
-  for ok in claims.values():
-    any_claim |= ok
-  queries = np.flatnonzero(any_claim.any(axis=1))
+  n = clean_rank.shape[1]
+  claims, qi, ci = _claims(bounds, clean_rank, query_labels, cand_labels, ks)
   qf, cf = np.asarray(query_features), np.asarray(cand_features)
-  d_clean = np.asarray(distance.pairwise_distances(qf, cf))
-  d_min, d_max = d_clean.copy(), d_clean.copy()
-  pairs = [(qi, ci) for qi in queries
-           for ci in np.flatnonzero(any_claim[qi] | (clean_rank[qi] <= pool))]
-  pq = np.asarray([p[0] for p in pairs], np.int64)
-  pc = np.asarray([p[1] for p in pairs], np.int64)
-  embed = jax.jit(apply)
-  for sl in _batches(len(pairs), batch_size):
+  d_min = np.array(distance.pairwise_distances(qf, cf))   # writable copy
+  d_max = d_min.copy()
+  attacked = np.zeros_like(clean_rank, bool)
+  attacked[qi, ci] = True
+  attacked |= (clean_rank <= pool) & np.isin(np.arange(len(qf)), qi)[:, None]
+  pq, pc = np.nonzero(attacked)
+  for sl in _batches(len(pq), batch_size):
     x, t = jnp.asarray(candidates[pc[sl]]), jnp.asarray(qf[pq[sl]])
     for sign, out, better in ((1.0, d_min, np.minimum), (-1.0, d_max, np.maximum)):
       key = jax.random.fold_in(jax.random.key(seed + 3), sl.start)
       adv = _distance_batch(apply, params, x, t, eps, step_size, steps, sign,
                             restarts=restarts, key=key)
-      with jax.default_matmul_precision("highest"):
-        d = np.linalg.norm(np.asarray(embed(params, adv)) - qf[pq[sl]], axis=1)
+      d = np.linalg.norm(models.embed(apply, params, np.asarray(adv)) - qf[pq[sl]], axis=1)
       out[pq[sl], pc[sl]] = better(out[pq[sl], pc[sl]], d)
+  # per certified pair: its farthest reach against everyone else's nearest, and back
   idx = np.arange(n)
-  count = broken = 0
-  max_up = max_down = 0
-  for k, ok in claims.items():
-    for qi, ci in zip(*np.nonzero(ok)):
-      others = idx != ci
-      worst_low = 1 + np.sum(_before(d_min[qi], idx, d_max[qi, ci], ci) & others)
-      worst_high = 1 + np.sum(_before(d_max[qi], idx, d_min[qi, ci], ci) & others)
-      j = clean_rank[qi, ci]
-      count += 1
-      broken += int(worst_low > k or worst_high < 2 * j - k)
-      max_up, max_down = max(max_up, worst_low - j), max(max_down, j - worst_high)
-  return {"claims": int(count), "broken": int(broken), "attacked_pairs": len(pairs),
-          "max_rank_increase": int(max_up), "max_rank_decrease": int(max_down)}
+  others = idx[None] != ci[:, None]
+  worst_low = 1 + np.sum(_before(d_min[qi], idx[None], d_max[qi, ci][:, None], ci[:, None])
+                         & others, axis=1)
+  worst_high = 1 + np.sum(_before(d_max[qi], idx[None], d_min[qi, ci][:, None], ci[:, None])
+                          & others, axis=1)
+  result = _score(claims, qi, ci, clean_rank, worst_low, worst_high)
+  result["attacked_pairs"] = int(len(pq))
+  return result

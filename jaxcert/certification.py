@@ -11,39 +11,13 @@ import time
 from typing import Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from jaxcert import data as data_lib
 from jaxcert import attacks, distance, metrics, models, ranks, report, training, validate
 from jaxcert.interval import Interval, ibp, input_box
-
-
-def _batched(fn, images: np.ndarray, batch_size: int):
-  """Applies jitted ``fn`` to ``images`` in fixed-size batches (last one padded)."""
-  n = len(images)
-  outs = []
-  for i in range(0, n, batch_size):
-    chunk = images[i:i + batch_size]
-    pad = batch_size - len(chunk)
-    if pad:
-      chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
-    out = fn(jnp.asarray(chunk))
-    outs.append(jax.tree.map(lambda a: np.asarray(a)[:batch_size - pad], out))
-  return jax.tree.map(lambda *a: np.concatenate(a), *outs)
-
-
-def embed(apply, params, images: np.ndarray, *, batch_size: int = 256) -> np.ndarray:
-  """Clean features f(x): images float [N, H, W, C] in [0, 1] -> [N, d].
-
-  Runs matrix products at full float32 precision (no TF32/bf16 passes), the
-  precision the certificates are stated for.
-  """
-  validate.check_images(images)
-  with jax.default_matmul_precision("highest"):
-    fn = jax.jit(apply)
-    return _batched(lambda x: fn(params, x), images, batch_size)
+from jaxcert.models import embed  # noqa: F401  (part of this module's API)
 
 
 def feature_boxes(apply, params, images: np.ndarray, eps: float, *,
@@ -55,7 +29,7 @@ def feature_boxes(apply, params, images: np.ndarray, eps: float, *,
   eps = validate.check_eps(eps)
   validate.check_images(images)
   fn = jax.jit(lambda p, x: ibp(lambda z: apply(p, z))(input_box(x, eps)))
-  return _batched(lambda x: fn(params, x), images, batch_size)
+  return models.map_batches(lambda x: fn(params, x), images, batch_size)
 
 
 def certify_features(query_features, query_boxes: Interval, query_labels,

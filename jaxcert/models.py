@@ -20,7 +20,10 @@ from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
+
+from jaxcert import validate
 
 ARCHS = ("small", "large")
 
@@ -126,3 +129,30 @@ def apply_fn(graphdef: nnx.GraphDef) -> Callable[[dict, jax.Array], jax.Array]:
     return nnx.merge(graphdef, params)(x)
 
   return apply
+
+
+def map_batches(fn, images: np.ndarray, batch_size: int):
+  """Applies jitted ``fn`` to ``images`` in fixed-size batches (last one padded), so
+  one compiled shape serves every batch. Returns numpy arrays (any pytree)."""
+  n = len(images)
+  outs = []
+  for i in range(0, n, batch_size):
+    chunk = images[i:i + batch_size]
+    pad = batch_size - len(chunk)
+    if pad:
+      chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
+    out = fn(jnp.asarray(chunk))
+    outs.append(jax.tree.map(lambda a: np.asarray(a)[:batch_size - pad], out))
+  return jax.tree.map(lambda *a: np.concatenate(a), *outs)
+
+
+def embed(apply, params, images: np.ndarray, *, batch_size: int = 256) -> np.ndarray:
+  """Clean features f(x): images float [N, H, W, C] in [0, 1] -> [N, d].
+
+  Runs matrix products at full float32 precision (no TF32/bf16 passes), the
+  precision the certificates are stated for.
+  """
+  validate.check_images(images)
+  with jax.default_matmul_precision("highest"):
+    fn = jax.jit(apply)
+    return map_batches(lambda x: fn(params, x), images, batch_size)

@@ -26,7 +26,6 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxcert import distance, validate
 from jaxcert.interval import Interval

@@ -31,10 +31,10 @@ ER_CR_NAMES = ("ER QA", "CR QA", "ER CA", "CR CA")
 
 
 def eps_tag(eps: float) -> str:
-  for den in (255,):
-    num = eps * den
-    if abs(num - round(num)) < 1e-9 and eps < 0.1:
-      return f"{int(round(num))}_{den}"
+  """0.2 -> "0.2"; the CIFAR-10 radii n/255 -> "n_255" (for file names)."""
+  num = eps * 255
+  if eps < 0.1 and abs(num - round(num)) < 1e-9:
+    return f"{int(round(num))}_255"
   return f"{eps:g}"
 
 
@@ -153,6 +153,13 @@ def write_tables(root: str, datasets, archs, methods, budget, eps_for, *,
                  log: Callable[[str], None] = print) -> dict:
   """Writes tables.md, tables.json and the plots from the results under ``root``."""
   ks = paper.KS
+  cache: dict = {}
+
+  def load(d, a, m, e):
+    if (d, a, m, e) not in cache:
+      cache[d, a, m, e] = _load_results(root, d, a, m, e, budget)
+    return cache[d, a, m, e]
+
   lines = [f"# CBIR grid ({budget} budget)", "",
            "Each cell: ours (paper). The paper's numbers are its Tables 1-2 (Large model, "
            "eps 0.2 / 2/255); '-' where a run is missing or the paper has no number.", ""]
@@ -165,8 +172,8 @@ def write_tables(root: str, datasets, archs, methods, budget, eps_for, *,
     for m in methods:
       row = []
       for d in datasets:
-        res = next((r for r in (_load_results(root, d, a, m, e, budget)
-                                for e in eps_for(d)) if r is not None), None)
+        res = next((r for r in (load(d, a, m, e) for e in eps_for(d)) if r is not None),
+                   None)
         theirs = paper.lookup(d, a, m, paper.PAPER_EPS[d], "recall")
         row += [_cell(o, None if theirs is None else theirs[i])
                 for i, o in enumerate(_values(res, "recall", ks))]
@@ -180,7 +187,7 @@ def write_tables(root: str, datasets, archs, methods, budget, eps_for, *,
                   "|" + "---|" * (3 + len(cols))]
         curves = {}
         for m in methods:
-          res = _load_results(root, d, a, m, e, budget)
+          res = load(d, a, m, e)
           row = []
           cell = {"dataset": d, "arch": a, "method": m, "eps": e,
                   "ours": None if res is None else res["metrics"], "paper": {}}

@@ -290,15 +290,6 @@ def build_model(config: ml_collections.ConfigDict, input_shape):
   return graphdef, params
 
 
-def _features(apply, params, images: np.ndarray, batch_size: int = 250) -> jax.Array:
-  """f(x) for uint8 images [N, ...] at full float32 matmul precision -> [N, d]."""
-  fn = jax.jit(apply)
-  with jax.default_matmul_precision("highest"):
-    out = [fn(params, jnp.asarray(images[i:i + batch_size], jnp.float32) / 255.0)
-           for i in range(0, len(images), batch_size)]
-  return jnp.concatenate(out)
-
-
 def load_init(config: ml_collections.ConfigDict, init_dir: str, input_shape) -> dict:
   """Parameters of the extractor f0 that FCTB fine-tunes: the latest checkpoint of
   the run in ``init_dir`` (its ``config.json`` gives the method it was trained with).
@@ -352,7 +343,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   ref = None
   if t.method == "fctb":
     params = load_init(config, t.init_from, images.shape[1:])
-    ref = _features(apply, params, images)     # f0(c), frozen
+    ref = models.embed(apply, params, data_lib.to_float(images), batch_size=250)  # f0(C)
   state = init_state(config, params, optimizer)
 
   os.makedirs(workdir, exist_ok=True)
