@@ -1,10 +1,15 @@
-"""Certifies a trained extractor: Recall@K and CR-Recall@K under QA and CA.
+"""Certifies a trained extractor.
 
   python certify.py --config=configs/quickstart.py --workdir=runs/quickstart
+  python certify.py --config=configs/smoothing.py:gdml,0.25 --workdir=runs/gdml25
 
-Reads the latest checkpoint in --workdir; writes results.json, results.md and
-cr_recall.png to <workdir>/certify (or --config.certify.output_dir) and prints
-the table. The logic lives in jaxcert.certification.
+``certify.method = "ibp"`` (l_inf, CBIR paper): Recall@K and CR-Recall@K under QA
+and CA; writes results.json, results.md and cr_recall.png to <workdir>/certify.
+``certify.method = "smoothing"`` (l_2, RetrievalGuard + our half-space and top-K
+certificates): Recall@1 of the smoothed model, certified Recall@K curves over the
+radius, per-query radii; writes to <workdir>/certify_smoothing. Either directory
+can be set with --config.certify.output_dir. The logic lives in jaxcert.certification
+and jaxcert.smoothed_certify.
 """
 
 import sys

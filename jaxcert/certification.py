@@ -96,21 +96,25 @@ def certify(config: ml_collections.ConfigDict, workdir: str, *,
   Q and C are drawn without overlap from the test split (``data.num_queries``,
   ``data.num_candidates``, ``data.split_seed``). Writes results.json, results.md and
   cr_recall.png to ``output_dir`` (default ``workdir/certify``) atomically.
+  With ``certify.method = "smoothing"`` it runs :func:`jaxcert.smoothed_certify.certify`
+  instead (l_2 randomized-smoothing certificates, default ``workdir/certify_smoothing``).
   """
   c = config.certify
+  if c.method == "smoothing":
+    from jaxcert import smoothed_certify
+    return smoothed_certify.certify(config, workdir, output_dir=output_dir, log=log)
+  if c.method != "ibp":
+    raise ValueError(f"config.certify.method must be 'ibp' or 'smoothing', got "
+                     f"{c.method!r}")
   eps = validate.check_eps(c.eps, "config.certify.eps")
   ks = validate.check_ks(tuple(c.ks), config.data.num_candidates, "config.certify.ks")
   for key in ("attack_steps", "ca_sources", "batch_size", "attack_restarts", "audit_pool"):
     if int(c[key]) < 1:
       raise ValueError(f"config.certify.{key} must be >= 1, got {c[key]!r}")
-  shape = data_lib.IMAGE_SHAPES.get(config.data.name)
-  if shape is None:
-    raise ValueError(f"config.data.name must be one of {data_lib.SUPPORTED}, "
-                     f"got {config.data.name!r}")
+  shape = data_lib.config_image_shape(config.data)
   graphdef, params, step = training.load_trained(config, workdir, shape)
   apply = models.apply_fn(graphdef)
-  split = data_lib.load(config.data.name, "test", data_dir=config.data.data_dir,
-                        source_dir=config.data.source_dir)
+  split = data_lib.load_config_split(config.data, "test")
   q_idx, c_idx = data_lib.query_candidate_split(
       split.labels, config.data.num_queries, config.data.num_candidates,
       config.data.split_seed)

@@ -16,19 +16,29 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
 
   c.data = ml_collections.ConfigDict()
-  c.data.name = "fashion_mnist"          # mnist | fashion_mnist | cifar10
+  # mnist | fashion_mnist | cifar10 (CBIR); stanford_online_products |
+  # caltech_birds2011 | cars196 (RetrievalGuard, tfds, split by class);
+  # folder (class-per-folder images in data.source_dir)
+  c.data.name = "fashion_mnist"
   c.data.data_dir = config_dict.placeholder(str)    # tfds data dir (None: tfds default)
   c.data.source_dir = config_dict.placeholder(str)  # offline original files
   c.data.num_queries = 1000
   c.data.num_candidates = 1000
   c.data.split_seed = 0                  # draws Q and C from the test split
+  c.data.image_size = 224                # retrieval datasets / folder: resize + crop
+  c.data.train_classes = config_dict.placeholder(int)  # folder: first classes = train
+  c.data.max_per_class = config_dict.placeholder(int)  # retrieval/folder subsampling
+  c.data.max_classes = config_dict.placeholder(int)
 
   c.model = ml_collections.ConfigDict()
-  c.model.arch = "large"                 # small | large
+  c.model.arch = "large"                 # small | large | resnet18 | resnet50
   c.model.embed_dim = 128
+  c.model.normalize = False              # L2-normalise the embedding (dml/gdml, smoothing)
+  c.model.pretrained = config_dict.placeholder(str)  # resnet*: torchvision-named .npz
+  c.model.freeze_bn = False              # resnet*: also freeze BN scale/bias (stats always)
 
   c.train = ml_collections.ConfigDict()
-  c.train.method = "tbt"                 # triplet | act | cibp | tbt | fctb
+  c.train.method = "tbt"                 # triplet | act | cibp | tbt | fctb | dml | gdml
   c.train.num_steps = 60_000             # 100 epochs of 600 steps (FMNIST, batch 100)
   c.train.batch_size = 100               # triplets per step
   c.train.learning_rate = 1e-3
@@ -43,6 +53,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.act_step_size = config_dict.placeholder(float)  # None: 2.5 * eps / act_steps
   c.train.init_from = config_dict.placeholder(str)  # FCTB: workdir of the model f0
   c.train.cibp_elision = True            # C-IBP: fold the margin into the head
+  c.train.gamma = 0.2                    # dml/gdml: margin of the margin loss
+  c.train.beta_init = 1.2                # dml/gdml: initial boundary beta
+  c.train.beta_lr = 5e-4                 # dml/gdml: Adam learning rate of beta
+  c.train.classes_per_batch = 10         # dml/gdml: classes per class-balanced batch
+  c.train.noise_sigma = 0.25             # gdml: std of the Gaussian augmentation
   c.train.log_every = 200
   c.train.checkpoint_every = 2_000
   c.train.max_to_keep = 3
@@ -60,6 +75,21 @@ def base_config() -> ml_collections.ConfigDict:
   c.certify.attack_restarts = 1          # PGD runs per attack; >1 adds random starts
   c.certify.audit = True                 # attack every certified claim (needs attack)
   c.certify.audit_pool = 50              # CA audit: competitors attacked per query
+
+  c.certify.method = "ibp"               # ibp (l_inf, CBIR) | smoothing (l_2, RetrievalGuard)
+
+  c.smoothing = ml_collections.ConfigDict()  # certify.method = "smoothing"
+  c.smoothing.sigma = 0.25               # noise std of the smoothed model
+  c.smoothing.num_samples = 10_000       # n per image (paper: 100,000)
+  c.smoothing.rho = 0.01                 # failure probability of each certificate
+  c.smoothing.norm_bound = 1.0           # F: samples are projected onto ||f|| <= F
+  c.smoothing.gallery = "fixed"          # fixed: base f(b) | smoothed: g_hat(b), union bound
+  c.smoothing.chunk_size = 1000          # samples per forward pass (memory bound)
+  c.smoothing.batch_images = 1           # images smoothed together
+  c.smoothing.seed = 0
+  c.smoothing.ks = (1, 5, 10)            # top-K certificates (half-space, fixed gallery)
+  c.smoothing.max_positives = 32         # same-class gallery items tried per query
+  c.smoothing.num_radii = 61             # points of the certified-recall curve
 
   c.lock()
   return c

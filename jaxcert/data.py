@@ -581,6 +581,35 @@ def load(name: str, split: str, *, data_dir: str | None = None,
 # ----------------------------------------------------------- query/candidates
 
 
+def load_config_split(cfg, split: str) -> Split:
+  """The ``split`` of the dataset that ``config.data`` (``cfg``) names: the CBIR
+  datasets through :func:`load`, the RetrievalGuard ones through
+  :func:`jaxcert.retrieval_data.load_retrieval`, ``folder`` through
+  :func:`jaxcert.retrieval_data.load_image_folder` (root ``cfg.source_dir``)."""
+  if cfg.name in SUPPORTED:
+    return load(cfg.name, split, data_dir=cfg.data_dir, source_dir=cfg.source_dir)
+  from jaxcert import retrieval_data  # noqa: PLC0415
+  sub = dict(image_size=cfg.image_size, max_per_class=cfg.max_per_class,
+             max_classes=cfg.max_classes)
+  if cfg.name == "folder":
+    if not cfg.source_dir:
+      raise DataError("data.name='folder' needs data.source_dir: the root of a "
+                      "class-per-folder image tree")
+    return retrieval_data.load_image_folder(cfg.source_dir, split,
+                                            train_classes=cfg.train_classes, **sub)
+  if cfg.name in retrieval_data.RETRIEVAL_DATASETS:
+    return retrieval_data.load_retrieval(cfg.name, split, data_dir=cfg.data_dir, **sub)
+  raise DataError(f"unknown dataset name {cfg.name!r} (data.name); supported: "
+                  f"{', '.join(SUPPORTED + retrieval_data.RETRIEVAL_DATASETS)}, 'folder'")
+
+
+def config_image_shape(cfg) -> tuple[int, int, int]:
+  """(H, W, C) of the images :func:`load_config_split` returns for ``cfg``."""
+  if cfg.name in IMAGE_SHAPES:
+    return IMAGE_SHAPES[cfg.name]
+  return (int(cfg.image_size), int(cfg.image_size), 3)
+
+
 def query_candidate_split(labels_or_n, num_queries: int, num_candidates: int,
                           seed: int) -> tuple[np.ndarray, np.ndarray]:
   """Draws disjoint query and candidate index sets from range(N), seeded.

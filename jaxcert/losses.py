@@ -112,3 +112,60 @@ def cibp_loss(features, box: Interval, w, b, labels, kappa, elision: bool = True
   robust = cross_entropy(worst_fn(box, w, b, labels), labels)
   loss = kappa * clean + (1.0 - kappa) * robust
   return loss, {"ce_clean": jnp.mean(clean), "ce_robust": jnp.mean(robust)}
+
+
+# ------------------------------------------------- RetrievalGuard (MATH.md B)
+
+
+def margin_loss(d_ap: jax.Array, d_an: jax.Array, beta: jax.Array,
+                gamma: float = 0.2) -> jax.Array:
+  """Margin loss (Wu et al. 2017): ``[gamma + D_ap - beta]_+ + [gamma - D_an + beta]_+``.
+
+  Unsquared distances; ``beta`` is the learnable boundary between positive and
+  negative distances.
+  """
+  return jax.nn.relu(gamma + d_ap - beta) + jax.nn.relu(gamma - d_an + beta)
+
+
+def distance_weighted_log_weights(dist: jax.Array, dim: int, *, cutoff: float = 0.5,
+                                  nonzero_loss_cutoff: float = 1.4) -> jax.Array:
+  """log of Wu et al.'s negative-sampling weights ``1 / q(D)`` for unit embeddings.
+
+  ``q(D) ~ D^{d-2} (1 - D^2/4)^{(d-3)/2}`` is the density of pairwise distances of
+  points uniform on the sphere in R^d; D is clipped below at ``cutoff``; pairs with
+  ``D >= nonzero_loss_cutoff`` (zero loss) get weight 0 (-inf). dist [...] -> [...].
+  """
+  d = jnp.clip(dist, cutoff, 2.0 - 1e-4)
+  log_q = (dim - 2.0) * jnp.log(d) + 0.5 * (dim - 3.0) * jnp.log1p(-0.25 * d * d)
+  return jnp.where(dist < nonzero_loss_cutoff, -log_q, -jnp.inf)
+
+
+def margin_loss_batch(key: jax.Array, feats: jax.Array, labels: jax.Array,
+                      beta: jax.Array, gamma: float = 0.2, *, cutoff: float = 0.5,
+                      nonzero_loss_cutoff: float = 1.4):
+  """Mean margin loss over every positive pair (i, j) of a class-balanced batch, each
+  with one negative for anchor i drawn by distance-weighted sampling (not
+  differentiated through); falls back to a uniform negative when every negative of
+  the anchor is past ``nonzero_loss_cutoff``.
+
+  feats [B, d] (L2-normalised), labels [B]. Returns (loss, aux).
+  """
+  b, dim = feats.shape
+  dist = safe_norm(feats[:, None, :] - feats[None, :, :])               # [B, B]
+  same = labels[:, None] == labels[None, :]
+  pos = same & ~jnp.eye(b, dtype=bool)
+  logw = jax.lax.stop_gradient(distance_weighted_log_weights(
+      dist, dim, cutoff=cutoff, nonzero_loss_cutoff=nonzero_loss_cutoff))
+  logw = jnp.where(same, -jnp.inf, logw)
+  any_ok = jnp.any(jnp.isfinite(logw), axis=1, keepdims=True)
+  logw = jnp.where(any_ok, logw, jnp.where(same, -jnp.inf, 0.0))
+  logw = logw - jnp.max(logw, axis=1, keepdims=True)
+  neg = jax.random.categorical(key, jnp.broadcast_to(logw[:, None, :], (b, b, b)))
+  d_an = jnp.take_along_axis(dist, neg, axis=1)                         # [B, B]: (i, j)
+  per = margin_loss(dist, d_an, beta, gamma)
+  npos = jnp.maximum(jnp.sum(pos), 1)
+  loss = jnp.sum(jnp.where(pos, per, 0.0)) / npos
+  aux = {"d_ap": jnp.sum(jnp.where(pos, dist, 0.0)) / npos,
+         "d_an": jnp.sum(jnp.where(pos, d_an, 0.0)) / npos,
+         "beta": beta}
+  return loss, aux

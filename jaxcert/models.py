@@ -7,6 +7,8 @@ linear map to the embedding):
 - ``small``: conv16 4x4/2 (VALID), conv32 4x4/1 (VALID), fc100, linear -> d
 - ``large``: conv64 3x3, conv64 3x3, conv128 3x3/2, conv128 3x3, conv128 3x3
   (SAME padding), fc512, linear -> d
+- ``resnet18`` / ``resnet50``: :mod:`jaxcert.resnet` (frozen BatchNorm, the
+  RetrievalGuard backbones; ImageNet statistics unless the dataset has its own)
 
 Input scaling ``(x - mean) / std`` happens inside the model, so bounds and eps
 are always in [0, 1] pixel units. Models hold only ``nnx.Param`` state; training
@@ -25,7 +27,7 @@ from flax import nnx
 
 from jaxcert import validate
 
-ARCHS = ("small", "large")
+ARCHS = ("small", "large", "resnet18", "resnet50")
 
 # Per-channel pixel statistics of the training splits (pixels in [0, 1]).
 DATASET_STATS = {
@@ -45,11 +47,16 @@ class _Normalize(nnx.Module):
     return (x - jnp.asarray(self.mean, x.dtype)) / jnp.asarray(self.std, x.dtype)
 
 
+def l2_normalize(x: jax.Array) -> jax.Array:
+  """x / ||x|| along the last axis, with a finite gradient at 0."""
+  return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + 1e-12)
+
+
 class SmallCNN(nnx.Module):
   """3-layer CNN (conv, conv, fc) + linear embedding head."""
 
   def __init__(self, input_shape: Sequence[int], embed_dim: int = 128, *,
-               mean=(0.0,), std=(1.0,), rngs: nnx.Rngs):
+               mean=(0.0,), std=(1.0,), normalize: bool = False, rngs: nnx.Rngs):
     h, w, c = input_shape
     self.normalize = _Normalize(mean, std)
     self.conv1 = nnx.Conv(c, 16, (4, 4), strides=2, padding="VALID", rngs=rngs)
@@ -58,20 +65,21 @@ class SmallCNN(nnx.Module):
     h, w = h - 3, w - 3
     self.fc = nnx.Linear(h * w * 32, 100, rngs=rngs)
     self.head = nnx.Linear(100, embed_dim, rngs=rngs)
+    self.l2 = bool(normalize)
 
   def __call__(self, x):
     x = self.normalize(x)
     x = jax.nn.relu(self.conv1(x))
     x = jax.nn.relu(self.conv2(x))
     x = jax.nn.relu(self.fc(x.reshape(x.shape[0], -1)))
-    return self.head(x)
+    return l2_normalize(self.head(x)) if self.l2 else self.head(x)
 
 
 class LargeCNN(nnx.Module):
   """6-layer CNN (5 conv, fc) + linear embedding head."""
 
   def __init__(self, input_shape: Sequence[int], embed_dim: int = 128, *,
-               mean=(0.0,), std=(1.0,), rngs: nnx.Rngs):
+               mean=(0.0,), std=(1.0,), normalize: bool = False, rngs: nnx.Rngs):
     h, w, c = input_shape
     self.normalize = _Normalize(mean, std)
     chans = (64, 64, 128, 128, 128)
@@ -86,20 +94,24 @@ class LargeCNN(nnx.Module):
     self.convs = nnx.List(convs)
     self.fc = nnx.Linear(h * w * prev, 512, rngs=rngs)
     self.head = nnx.Linear(512, embed_dim, rngs=rngs)
+    self.l2 = bool(normalize)
 
   def __call__(self, x):
     x = self.normalize(x)
     for conv in self.convs:
       x = jax.nn.relu(conv(x))
     x = jax.nn.relu(self.fc(x.reshape(x.shape[0], -1)))
-    return self.head(x)
+    return l2_normalize(self.head(x)) if self.l2 else self.head(x)
 
 
 def make_model(arch: str, input_shape: Sequence[int], *, embed_dim: int = 128,
-               dataset: str | None = None, seed: int = 0) -> nnx.Module:
+               dataset: str | None = None, seed: int = 0,
+               normalize: bool = False) -> nnx.Module:
   """Builds ``small`` or ``large`` for images of ``input_shape`` (H, W, C).
 
-  ``dataset`` selects the normalisation constants (identity when None).
+  ``dataset`` selects the normalisation constants (identity when None);
+  ``normalize`` L2-normalises the embedding (``||f(x)|| = 1``, for the margin loss
+  and randomized smoothing).
   """
   if arch not in ARCHS:
     raise ValueError(f"arch must be one of {ARCHS}, got arch={arch!r}")
@@ -107,13 +119,19 @@ def make_model(arch: str, input_shape: Sequence[int], *, embed_dim: int = 128,
     raise ValueError(f"input_shape must be (H, W, C), got input_shape={input_shape!r}")
   if embed_dim < 1:
     raise ValueError(f"embed_dim must be >= 1, got embed_dim={embed_dim!r}")
+  if arch.startswith("resnet"):
+    from jaxcert import resnet  # noqa: PLC0415
+    mean, std = DATASET_STATS.get(dataset, (None, None))
+    return resnet.make_resnet(int(arch[len("resnet"):]), input_shape, embed_dim=embed_dim,
+                              normalize=normalize, mean=mean, std=std, seed=seed)
   c = input_shape[-1]
   mean, std = DATASET_STATS.get(dataset, ((0.0,) * c, (1.0,) * c))
   if len(mean) != c:
     raise ValueError(f"dataset={dataset!r} has {len(mean)} channels, input_shape "
                      f"{tuple(input_shape)} has {c}")
   cls = SmallCNN if arch == "small" else LargeCNN
-  return cls(tuple(input_shape), embed_dim, mean=mean, std=std, rngs=nnx.Rngs(seed))
+  return cls(tuple(input_shape), embed_dim, mean=mean, std=std, normalize=normalize,
+             rngs=nnx.Rngs(seed))
 
 
 def split(model: nnx.Module) -> tuple[nnx.GraphDef, dict]:

@@ -90,16 +90,33 @@ def plot(results: dict, path: str) -> None:
 
 def write_report(out_dir: str, results: dict) -> None:
   """Writes results.json, results.md and cr_recall.png into ``out_dir`` atomically."""
+  write_dir_atomic(out_dir, {
+      "results.json": lambda p: _dump_json(p, results),
+      "results.md": lambda p: _dump_text(p, markdown_table(results) + "\n"),
+      "cr_recall.png": lambda p: plot(results, p),
+  })
+
+
+def _dump_json(path: str, obj) -> None:
+  with open(path, "w") as f:
+    json.dump(obj, f, indent=2)
+
+
+def _dump_text(path: str, text: str) -> None:
+  with open(path, "w") as f:
+    f.write(text)
+
+
+def write_dir_atomic(out_dir: str, writers: dict) -> None:
+  """Calls ``writers[name](path)`` for each file inside a temporary sibling directory
+  that replaces ``out_dir`` only once every file is written."""
   out_dir = os.path.abspath(out_dir)
   parent = os.path.dirname(out_dir)
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".tmp-", dir=parent)
   try:
-    with open(os.path.join(tmp, "results.json"), "w") as f:
-      json.dump(results, f, indent=2)
-    with open(os.path.join(tmp, "results.md"), "w") as f:
-      f.write(markdown_table(results) + "\n")
-    plot(results, os.path.join(tmp, "cr_recall.png"))
+    for name, write in writers.items():
+      write(os.path.join(tmp, name))
     if os.path.exists(out_dir):
       old = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".old-", dir=parent)
       os.rmdir(old)

@@ -18,6 +18,14 @@ Methods (``config.train.method``):
 - ``fctb``: Eq. 21, fine-tuning a trained extractor f0 (``train.init_from``,
   its workdir) on pairs from the candidate set C (the same C that
   ``certify.py`` uses), with fixed eps and kappa.
+- ``dml``: RetrievalGuard's metric learning (MATH.md B): the margin loss (Wu et
+  al. 2017, ``train.gamma``) with a learnable boundary ``beta`` (init
+  ``train.beta_init``, its own Adam learning rate ``train.beta_lr``) over every
+  positive pair of a class-balanced batch (``train.classes_per_batch`` classes x
+  ``batch_size / classes_per_batch`` images), negatives by distance-weighted
+  sampling. Needs an L2-normalised embedding (``model.normalize``).
+- ``gdml``: ``dml`` on Gaussian-noised images (independent noise of std
+  ``train.noise_sigma`` per image), the model the smoothing certificates need.
 
 eps ramps 0 -> ``train.eps`` and kappa 1 -> ``train.kappa`` between
 ``train.ramp_start`` and ``train.ramp_end`` (a step ramp when they are equal).
@@ -50,7 +58,8 @@ from jaxcert import data as data_lib
 from jaxcert import attacks, losses, models, validate
 from jaxcert.interval import ibp, input_box
 
-METHODS = ("triplet", "act", "cibp", "tbt", "fctb")
+METHODS = ("triplet", "act", "cibp", "tbt", "fctb", "dml", "gdml")
+MARGIN_METHODS = ("dml", "gdml")
 
 
 # ---------------------------------------------------------------- schedules
@@ -137,6 +146,34 @@ class PairSampler:
     return np.stack([i, j])
 
 
+class ClassBalancedSampler:
+  """Batches of ``classes`` random classes x ``per_class`` random images each
+  (without replacement when the class has enough images), deterministic per step."""
+
+  def __init__(self, labels: np.ndarray, seed: int, classes: int, per_class: int):
+    labels = np.asarray(labels).astype(np.int64)
+    self.classes, counts = np.unique(labels, return_counts=True)
+    if classes > len(self.classes):
+      raise ValueError(f"config.train.classes_per_batch={classes} exceeds the "
+                       f"{len(self.classes)} classes of the training split")
+    if per_class < 2:
+      raise ValueError(f"class-balanced batches need >= 2 images per class: "
+                       f"batch_size / classes_per_batch = {per_class}")
+    if counts.min() < 2:
+      raise ValueError("class-balanced sampling needs at least 2 images per class, "
+                       f"class {int(self.classes[counts.argmin()])} has {int(counts.min())}")
+    self.members = [np.flatnonzero(labels == c) for c in self.classes]
+    self.seed, self.num, self.per = seed, classes, per_class
+
+  def __call__(self, step: int, batch_size: int | None = None) -> np.ndarray:
+    """[classes * per_class] indices for ``step``, grouped by class."""
+    rng = np.random.default_rng((self.seed, 2, int(step)))
+    picked = rng.choice(len(self.classes), self.num, replace=False)
+    return np.concatenate([rng.choice(self.members[c], self.per,
+                                      replace=len(self.members[c]) < self.per)
+                           for c in picked])
+
+
 # ---------------------------------------------------------------- train step
 
 
@@ -149,7 +186,33 @@ def init_head(config: ml_collections.ConfigDict, num_classes: int) -> dict:
 
 
 def _trainable(state: dict) -> dict:
-  return {k: state[k] for k in ("params", "head") if k in state}
+  return {k: state[k] for k in ("params", "head", "beta") if k in state}
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """Adam on the schedule of ``lr_schedule``; the margin loss's ``beta`` gets its own
+  Adam with learning rate ``train.beta_lr``."""
+  t = config.train
+  main = optax.adam(lr_schedule(t))
+  freeze = bool(config.model.freeze_bn) and config.model.arch.startswith("resnet")
+  if t.method not in MARGIN_METHODS and not freeze:
+    return main
+
+  def labels(tree):
+    out = {}
+    for k, v in tree.items():
+      if k == "beta":
+        out[k] = jax.tree.map(lambda _: "beta", v)
+      elif k == "params" and freeze:
+        from jaxcert import resnet  # noqa: PLC0415
+        out[k] = jax.tree.map(lambda m: "main" if m else "freeze",
+                              resnet.trainable_mask(v, freeze_bn=True))
+      else:
+        out[k] = jax.tree.map(lambda _: "main", v)
+    return out
+
+  return optax.multi_transform({"main": main, "beta": optax.adam(t.beta_lr),
+                                "freeze": optax.set_to_zero()}, labels)
 
 
 def init_state(config: ml_collections.ConfigDict, params: dict,
@@ -162,6 +225,8 @@ def init_state(config: ml_collections.ConfigDict, params: dict,
   state = {"params": params}
   if config.train.method == "cibp":
     state["head"] = init_head(config, data_lib.NUM_CLASSES[config.data.name])
+  if config.train.method in MARGIN_METHODS:
+    state["beta"] = jnp.asarray(config.train.beta_init, jnp.float32)
   state["opt_state"] = optimizer.init(_trainable(state))
   state["step"] = jnp.zeros((), jnp.int32)
   return state
@@ -174,8 +239,10 @@ def make_train_step(apply, optimizer: optax.GradientTransformation, method: str,
   ``batch`` by method (images float32 in [0, 1]):
   triplet/act/tbt: ``{"images": [3, B, H, W, C]}`` (anchor, positive, negative);
   cibp: ``{"images": [B, H, W, C], "labels": [B]}``;
-  fctb: ``{"images": [2, B, H, W, C], "ref": [B, d]}`` (c1, c2 and f0(c1)).
-  ``cfg`` is ``config.train``. ACT's random PGD start is keyed by (seed, step).
+  fctb: ``{"images": [2, B, H, W, C], "ref": [B, d]}`` (c1, c2 and f0(c1));
+  dml/gdml: ``{"images": [B, H, W, C], "labels": [B]}`` (class-balanced).
+  ``cfg`` is ``config.train``. ACT's random PGD start, the distance-weighted
+  negatives and GDML's noise are keyed by (seed, step).
   """
   if method not in METHODS:
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -206,6 +273,14 @@ def make_train_step(apply, optimizer: optax.GradientTransformation, method: str,
       loss, aux = losses.cibp_loss(feats, box_of(images), head["w"], head["b"],
                                    batch["labels"], kappa, elision=cfg.cibp_elision)
       return jnp.mean(loss), aux
+    if method in MARGIN_METHODS:
+      key = jax.random.fold_in(jax.random.key(seed), batch["step"])
+      if method == "gdml":
+        noise = jax.random.normal(jax.random.fold_in(key, 1), images.shape, images.dtype)
+        images = images + cfg.noise_sigma * noise
+      feats = apply(params, images)
+      return losses.margin_loss_batch(jax.random.fold_in(key, 2), feats, batch["labels"],
+                                      trainable["beta"], cfg.gamma)
     if method == "fctb":
       b = images.shape[1]
       feats = apply(params, images.reshape((-1,) + images.shape[2:]))
@@ -223,6 +298,7 @@ def make_train_step(apply, optimizer: optax.GradientTransformation, method: str,
 
   def step(state, batch, eps, kappa):
     trainable = _trainable(state)
+    batch = dict(batch, step=state["step"])
     if method == "act":   # the attack is not differentiated through
       batch = dict(batch, images=act_images(state["params"], batch["images"], eps,
                                             state["step"]))
@@ -257,11 +333,27 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if t.act_step_size is not None and not t.act_step_size > 0:
     raise ValueError(f"config.train.act_step_size must be > 0 or None, got "
                      f"{t.act_step_size!r}")
+  if t.method == "cibp" and config.data.name not in data_lib.NUM_CLASSES:
+    raise ValueError(f"config.train.method='cibp' needs a classification dataset "
+                     f"({', '.join(data_lib.NUM_CLASSES)}), got data.name="
+                     f"{config.data.name!r}")
   if t.method == "fctb" and not t.init_from:
     raise ValueError("config.train.init_from is required for method 'fctb': the workdir "
                      "of the trained extractor f0 to fine-tune (e.g. a TBT run)")
   if not t.learning_rate > 0:
     raise ValueError(f"config.train.learning_rate must be > 0, got {t.learning_rate!r}")
+  if t.method in MARGIN_METHODS:
+    if not config.model.normalize:
+      raise ValueError(f"config.train.method={t.method!r} (margin loss) needs an "
+                       "L2-normalised embedding: set config.model.normalize=True")
+    if int(t.classes_per_batch) < 2 or t.batch_size % int(t.classes_per_batch):
+      raise ValueError(f"config.train.classes_per_batch={t.classes_per_batch!r} must be "
+                       f">= 2 and divide config.train.batch_size={t.batch_size}")
+    if not t.beta_lr > 0:
+      raise ValueError(f"config.train.beta_lr must be > 0, got {t.beta_lr!r}")
+    if t.method == "gdml" and not t.noise_sigma > 0:
+      raise ValueError(f"config.train.noise_sigma must be > 0 for gdml, got "
+                       f"{t.noise_sigma!r}")
 
 
 # ---------------------------------------------------------------- loop
@@ -282,10 +374,22 @@ def _fmt_time(seconds: float) -> str:
   return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
-def build_model(config: ml_collections.ConfigDict, input_shape):
+def build_model(config: ml_collections.ConfigDict, input_shape, *,
+                log: Callable[[str], None] | None = None, pretrained: bool = True):
+  """(graphdef, params) of ``config.model``; ResNets start from ``model.pretrained``
+  (a torchvision-named .npz, see :mod:`jaxcert.resnet`) when it is set."""
   model = models.make_model(config.model.arch, input_shape,
                             embed_dim=config.model.embed_dim,
-                            dataset=config.data.name, seed=config.seed)
+                            dataset=config.data.name, seed=config.seed,
+                            normalize=config.model.normalize)
+  if config.model.pretrained and pretrained:
+    if not config.model.arch.startswith("resnet"):
+      raise ValueError(f"config.model.pretrained={config.model.pretrained!r} needs a ResNet "
+                       f"arch (resnet18 | resnet50), got arch={config.model.arch!r}")
+    from jaxcert import resnet  # noqa: PLC0415
+    left = resnet.load_pretrained(model, config.model.pretrained)
+    if log is not None:
+      log(f"loaded {config.model.pretrained}; left at init: {', '.join(left) or 'none'}")
   graphdef, params = models.split(model)
   return graphdef, params
 
@@ -323,23 +427,25 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   check_config(config)
   t = config.train
   if t.method == "fctb":   # Eq. 21 fine-tunes on the candidate set of certify.py
-    split = data_lib.load(config.data.name, "test", data_dir=config.data.data_dir,
-                          source_dir=config.data.source_dir)
+    split = data_lib.load_config_split(config.data, "test")
     _, c_idx = data_lib.query_candidate_split(split.labels, config.data.num_queries,
                                               config.data.num_candidates,
                                               config.data.split_seed)
     images, labels = split.images[c_idx], split.labels[c_idx]
     sampler = PairSampler(len(images), config.seed)
   else:
-    split = data_lib.load(config.data.name, "train", data_dir=config.data.data_dir,
-                          source_dir=config.data.source_dir)
+    split = data_lib.load_config_split(config.data, "train")
     images, labels = split.images, split.labels
-    sampler = TripletSampler(labels, config.seed)
-  graphdef, params = build_model(config, images.shape[1:])
+    if t.method in MARGIN_METHODS:
+      per = t.batch_size // int(t.classes_per_batch)
+      sampler = ClassBalancedSampler(labels, config.seed, int(t.classes_per_batch), per)
+    else:
+      sampler = TripletSampler(labels, config.seed)
+  graphdef, params = build_model(config, images.shape[1:], log=log)
   apply = models.apply_fn(graphdef)
 
   lr = lr_schedule(t)
-  optimizer = optax.adam(lr)
+  optimizer = make_optimizer(config)
   ref = None
   if t.method == "fctb":
     params = load_init(config, t.init_from, images.shape[1:])
@@ -371,6 +477,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
       if t.method == "cibp":
         batch = {"images": jnp.asarray(images[idx[0]], jnp.float32) / 255.0,
                  "labels": jnp.asarray(labels[idx[0]], jnp.int32)}
+      elif t.method in MARGIN_METHODS:
+        batch = {"images": jnp.asarray(images[idx], jnp.float32) / 255.0,
+                 "labels": jnp.asarray(labels[idx], jnp.int32)}
       else:
         batch = {"images": jnp.asarray(images[idx], jnp.float32) / 255.0}
       if ref is not None:
@@ -389,7 +498,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
         metrics = {k: float(v) for k, v in m.items()}
         rate = (done - s0) / max(time.perf_counter() - t0, 1e-9)
         terms = " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "loss")
-        sched = {"triplet": "", "act": f"eps {float(eps):.4f} "}.get(
+        sched = {"triplet": "", "dml": "", "gdml": "",
+                 "act": f"eps {float(eps):.4f} "}.get(
             t.method, f"eps {float(eps):.4f} kappa {float(kappa):.3f} ")
         log(f"step {done}/{t.num_steps} | loss {loss:.4f} ({terms}) | "
             f"{sched}lr {float(lr(step)):.1e} | "
@@ -400,7 +510,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
 
 def load_trained(config: ml_collections.ConfigDict, workdir: str, input_shape):
   """(graphdef, params, step) from the latest checkpoint in ``workdir``."""
-  graphdef, params = build_model(config, input_shape)
-  target = init_state(config, params, optax.adam(lr_schedule(config.train)))
+  graphdef, params = build_model(config, input_shape, pretrained=False)
+  target = init_state(config, params, make_optimizer(config))
   step, state = ckpt_lib.restore_latest(workdir, target)
   return graphdef, state["params"], step

@@ -131,8 +131,10 @@ def _tiny(method):
 def test_every_method_lowers_its_loss_on_a_tiny_problem(method):
   cfg = _tiny(method)
   rng = np.random.default_rng(0)
+  margin = method in training.MARGIN_METHODS
   graphdef, params = models.split(models.make_model("small", (12, 12, 1), embed_dim=8,
-                                                    dataset="fashion_mnist"))
+                                                    dataset="fashion_mnist",
+                                                    normalize=margin))
   apply = models.apply_fn(graphdef)
   opt = optax.adam(cfg.train.learning_rate)
   state = training.init_state(cfg, params, opt)
@@ -145,7 +147,7 @@ def test_every_method_lowers_its_loss_on_a_tiny_problem(method):
   def imgs(lab):
     return np.clip(0.3 + 0.4 * lab[:, None, None, None]
                    + rng.normal(0, 0.1, (len(lab), 12, 12, 1)), 0, 1).astype(np.float32)
-  if method == "cibp":
+  if method == "cibp" or margin:
     batch = {"images": jnp.asarray(imgs(labels)), "labels": jnp.asarray(labels)}
   elif method == "fctb":
     x = imgs(labels)
@@ -169,3 +171,50 @@ def test_pair_sampler_is_deterministic_and_never_pairs_an_image_with_itself():
   assert not np.array_equal(s(8, 200), a)
   with pytest.raises(ValueError, match="at least 2 candidates"):
     training.PairSampler(1, 0)
+
+
+def test_margin_loss_hand_values():
+  # [gamma + d_ap - beta]_+ + [gamma - d_an + beta]_+ with gamma 0.2, beta 1.2
+  d_ap = jnp.array([0.5, 1.3, 1.1])
+  d_an = jnp.array([1.8, 1.3, 1.35])
+  got = losses.margin_loss(d_ap, d_an, jnp.float32(1.2), 0.2)
+  np.testing.assert_allclose(got, [0.0, 0.3 + 0.1, 0.1 + 0.05], atol=1e-6)
+
+
+def test_distance_weighted_sampling_weights_and_negatives():
+  d = jnp.array([0.2, 0.5, 1.0, 1.39, 1.41])
+  logw = losses.distance_weighted_log_weights(d, dim=16)
+  # clipped below at 0.5, zero past 1.4, and 1/q(D) = D^-(d-2) (1 - D^2/4)^-(d-3)/2
+  want = lambda x: -(14 * np.log(x) + 6.5 * np.log(1 - x * x / 4))
+  np.testing.assert_allclose(logw[:4], [want(0.5), want(0.5), want(1.0), want(1.39)],
+                             rtol=1e-5)
+  assert logw[4] == -jnp.inf
+  # 4 classes x 3 unit vectors: the sampled negative is never of the anchor's class,
+  # and closer negatives (inside 1.4) are drawn more often than far ones
+  rng = np.random.default_rng(0)
+  f = rng.normal(size=(12, 16)).astype(np.float32)
+  f /= np.linalg.norm(f, axis=1, keepdims=True)
+  labels = jnp.repeat(jnp.arange(4), 3)
+  loss, aux = losses.margin_loss_batch(jax.random.key(0), jnp.asarray(f), labels,
+                                       jnp.float32(1.2))
+  assert np.isfinite(float(loss)) and float(aux["d_ap"]) > 0
+  dist = np.linalg.norm(f[:, None] - f[None], axis=-1)
+  keys = jax.random.split(jax.random.key(1), 200)
+  logits = losses.distance_weighted_log_weights(jnp.asarray(dist), 16)
+  logits = jnp.where(labels[:, None] == labels[None], -jnp.inf, logits)
+  draws = jax.vmap(lambda k: jax.random.categorical(k, logits))(keys)
+  assert not np.any(np.asarray(labels)[np.asarray(draws)] == np.asarray(labels)[None])
+
+
+def test_class_balanced_sampler():
+  labels = np.repeat(np.arange(6), [5, 5, 5, 5, 5, 1])
+  with pytest.raises(ValueError, match="at least 2 images per class"):
+    training.ClassBalancedSampler(labels, 0, 3, 4)
+  labels = np.repeat(np.arange(6), [5, 5, 5, 5, 5, 3])
+  s = training.ClassBalancedSampler(labels, 0, 3, 4)
+  idx = s(11)
+  np.testing.assert_array_equal(idx, s(11))
+  groups = labels[idx].reshape(3, 4)
+  assert len(set(groups[:, 0])) == 3 and np.all(groups == groups[:, :1])
+  with pytest.raises(ValueError, match="classes_per_batch=7 exceeds the 6 classes"):
+    training.ClassBalancedSampler(labels, 0, 7, 2)

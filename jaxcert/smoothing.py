@@ -1,0 +1,336 @@
+"""Randomized smoothing of embeddings and l_2 certificates for retrieval.
+
+RetrievalGuard (MATH.md B) and our extensions (MATH.md C). The smoothed embedding
+of a base extractor ``f`` with ``||f(x)|| <= F`` is
+
+    g(x) = E_{delta ~ N(0, sigma^2 I)} f(x + delta),
+
+estimated by ``g_hat(x)``, the mean of ``n`` Monte-Carlo samples
+(:func:`smoothed_embed`). Every certificate here is a statement about the exact
+``g`` that holds with probability ``>= 1 - rho`` over the Monte-Carlo noise:
+
+- :func:`mc_error_bound` (Lemma 3.6, matrix Bernstein): ``||g_hat - g|| < t``
+  except with probability ``rho'``.
+- :func:`paper_radius` (Thm 3.5 + Prop. 3.9): the 1-NN of ``g(x + delta)`` keeps
+  the query's class for every ``||delta|| < R``, ``R <= 1.349 sigma`` always.
+- :func:`halfspace_radii` (ours): the same statement through the half-space
+  form of each (same-class, other-class) gallery pair, with no ceiling; and the
+  top-K version (a same-class item stays in the top K).
+
+Assumptions shared by all of them (stated once, checked where possible):
+
+1. ``f`` is a fixed function bounded by ``F``: :func:`smoothed_embed` projects
+   every sample onto the ball of radius ``F`` (a no-op for L2-normalised
+   embeddings with ``F = 1``), so the bound holds by construction.
+2. Noise is not clipped to [0, 1]: the certified set is the whole l_2 ball
+   around the query, a superset of the valid images in it.
+3. Gallery vectors are either *fixed* (the base embeddings ``f(b)`` or a stored
+   index; only the query is estimated) or *smoothed* (``g(b)`` estimated with
+   the same ``n``, then a union bound covers the query and all ``|B|`` gallery
+   estimates, ``rho' = rho / (|B| + 1)``).
+4. Floating point: ``f`` is evaluated in float32; each sample's norm may exceed
+   ``F`` by a few ulps and the float32 chunk sums round. The certificates use
+   ``F (1 + 1e-5)`` and add ``(chunk + 2) 2^-24 F`` to ``t`` to cover both;
+   the radius formulas themselves run in float64.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from scipy import special
+
+from jaxcert import validate
+
+__all__ = [
+    "CERTIFICATES", "certified_recall_curve", "certify_smoothed", "halfspace_radii",
+    "lipschitz_bound", "mc_error_bound", "minimum_margin", "paper_radius",
+    "project_to_ball", "smoothed_embed",
+]
+
+CERTIFICATES = ("paper", "halfspace")
+_F_SLACK = 1e-5
+_U32 = 2.0 ** -24
+
+
+# ---------------------------------------------------------------- Monte Carlo
+
+
+def project_to_ball(f: jax.Array, bound: float) -> jax.Array:
+  """f [..., d] -> f * min(1, bound / ||f||): every row has norm <= bound."""
+  norm = jnp.sqrt(jnp.sum(jnp.square(f), axis=-1, keepdims=True))
+  return f * jnp.minimum(1.0, bound / jnp.maximum(norm, 1e-30))
+
+
+def _check_positive(value, name: str, *, integer: bool = False) -> float:
+  bad = isinstance(value, bool) or not isinstance(value, (int, float, np.integer,
+                                                          np.floating))
+  if not bad:
+    bad = not math.isfinite(float(value)) or value <= 0
+    bad = bad or (integer and float(value) != int(value))
+  if bad:
+    kind = "a positive integer" if integer else "a finite number > 0"
+    raise ValueError(f"{name} must be {kind}, got {name}={value!r}")
+  return int(value) if integer else float(value)
+
+
+def _check_rho(rho, name: str = "rho") -> float:
+  if isinstance(rho, bool) or not isinstance(rho, (int, float, np.floating)) or not (
+      0.0 < float(rho) < 1.0):
+    raise ValueError(f"{name} must lie in (0, 1) (the failure probability), got "
+                     f"{name}={rho!r}")
+  return float(rho)
+
+
+def _sum_fn(apply, sigma: float, bound: float):
+  """Jitted sum of projected f(x + sigma * noise) over one chunk of samples.
+
+  Sample ``s`` of an image keyed ``k`` uses ``normal(fold_in(k, s))``: the noise
+  of a sample depends only on (image key, sample index), not on the chunking.
+  """
+
+  def chunk_sum(params, x, keys, start, n, chunk):
+    idx = start + jnp.arange(chunk)
+
+    def noise(k):
+      return jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(k, i), x.shape[1:],
+                                                  x.dtype))(idx)
+
+    z = x[:, None] + sigma * jax.vmap(noise)(keys)            # [q, chunk, H, W, C]
+    f = apply(params, z.reshape((-1,) + x.shape[1:]))
+    f = project_to_ball(f, bound).reshape(x.shape[0], chunk, -1)
+    keep = (idx < n)[None, :, None]
+    return jnp.sum(jnp.where(keep, f, 0.0), axis=1)
+
+  return jax.jit(chunk_sum, static_argnames=("chunk",))
+
+
+def smoothed_embed(apply: Callable, params, images: np.ndarray, *, sigma: float,
+                   num_samples: int, key: jax.Array, norm_bound: float = 1.0,
+                   chunk_size: int = 1000, batch_images: int = 1,
+                   log: Callable[[str], None] | None = None,
+                   log_every: float = 30.0) -> np.ndarray:
+  """Monte-Carlo smoothed embeddings g_hat(x) = (1/n) sum_i f(x + delta_i).
+
+  images: float [N, H, W, C] in [0, 1]. Image ``i`` uses the key
+  ``fold_in(key, i)`` and its sample ``s`` the noise ``normal(fold_in(.., s))``,
+  so the result does not depend on ``chunk_size`` or ``batch_images`` (up to
+  float summation order). Samples are projected onto the ball of radius
+  ``norm_bound`` (assumption 1 of the module doc). Memory is bounded by
+  ``batch_images * chunk_size`` images at a time. Returns float64 [N, d].
+  """
+  validate.check_images(images)
+  sigma = _check_positive(sigma, "sigma")
+  n = _check_positive(num_samples, "num_samples", integer=True)
+  bound = _check_positive(norm_bound, "norm_bound")
+  chunk = min(_check_positive(chunk_size, "chunk_size", integer=True), n)
+  q = _check_positive(batch_images, "batch_images", integer=True)
+  fn = _sum_fn(apply, sigma, bound)
+  num = len(images)
+  out = None
+  t0 = last = time.perf_counter()
+  with jax.default_matmul_precision("highest"):
+    for i in range(0, num, q):
+      x = images[i:i + q]
+      pad = q - len(x)
+      if pad:
+        x = np.concatenate([x, np.repeat(x[-1:], pad, axis=0)])
+      keys = jax.vmap(lambda j: jax.random.fold_in(key, j))(jnp.arange(i, i + q))
+      x = jnp.asarray(x, jnp.float32)
+      # dispatch every chunk before reading any back (keeps the device busy), then
+      # add the float32 chunk sums in float64
+      sums = [fn(params, x, keys, start, n, chunk) for start in range(0, n, chunk)]
+      total = np.sum([np.asarray(v, np.float64) for v in sums], axis=0)
+      if out is None:
+        out = np.zeros((num, total.shape[-1]), np.float64)
+      out[i:i + q - pad] = total[:q - pad] / n
+      now = time.perf_counter()
+      done = min(i + q, num)
+      if log is not None and (now - last >= log_every or done == num):
+        rate = done * n / (now - t0)
+        log(f"smoothing: {done}/{num} images, {n} samples each | {rate:,.0f} samples/s "
+            f"| ETA {(num - done) * n / rate:.0f}s")
+        last = now
+  return out
+
+
+def mc_error_bound(num_samples: int, dim: int, norm_bound: float, rho: float) -> float:
+  """Lemma 3.6: t with P(||g_hat(x) - g(x)|| >= t) <= rho for one image.
+
+  Rectangular matrix Bernstein on the d x 1 summands (f(x + delta_i) - g(x)) / n:
+  norm <= 2F/n, variance <= F^2/n, so P(.. >= t) <= (d + 1) exp(-3 n t^2 /
+  (6F^2 + 4F t)); solved for t with L = ln((d + 1) / rho):
+  t = 2FL/(3n) + sqrt(4F^2 L^2 / (9 n^2) + 2 F^2 L / n).
+  """
+  n = _check_positive(num_samples, "num_samples", integer=True)
+  d = _check_positive(dim, "dim", integer=True)
+  f = _check_positive(norm_bound, "norm_bound")
+  rho = _check_rho(rho)
+  lg = math.log((d + 1) / rho)
+  return 2 * f * lg / (3 * n) + math.sqrt(4 * f * f * lg * lg / (9 * n * n)
+                                          + 2 * f * f * lg / n)
+
+
+def certified_t(num_samples: int, dim: int, norm_bound: float, rho: float, *,
+                gallery_size: int | None = None, chunk_size: int = 1000) -> float:
+  """The ``t`` every certificate uses: Lemma 3.6 at ``rho`` (fixed gallery) or at
+  ``rho / (|B| + 1)`` (smoothed gallery of ``gallery_size`` items), with the
+  float slack of the module doc."""
+  rho_eff = rho if gallery_size is None else _check_rho(rho) / (gallery_size + 1)
+  f = norm_bound * (1 + _F_SLACK)
+  return (mc_error_bound(num_samples, dim, f, rho_eff)
+          + (min(chunk_size, num_samples) + 2) * _U32 * f)
+
+
+# ---------------------------------------------------------------- the paper
+
+
+def lipschitz_bound(r, sigma: float, norm_bound: float):
+  """Lemma 3.3: ||g(x1) - g(x2)|| <= 2F (2 Phi(r / (2 sigma)) - 1) for ||x1 - x2|| <= r.
+
+  Attained by f = F sign(x) in 1-D at x1 = -x2 = r/2.
+  """
+  r = np.asarray(r, np.float64)
+  return 2.0 * norm_bound * (2.0 * special.ndtr(r / (2.0 * sigma)) - 1.0)
+
+
+def minimum_margin(z: np.ndarray, query_labels: np.ndarray, gallery: np.ndarray,
+                   gallery_labels: np.ndarray) -> np.ndarray:
+  """Def. 3.1: M = min_{b in B-} ||z - b|| - min_{a in B+} ||z - a|| per query, [Q].
+
+  +inf when the gallery has no other-class item, -inf when it has no same-class item.
+  """
+  dist = _distances(z, gallery)
+  same = np.asarray(query_labels)[:, None] == np.asarray(gallery_labels)[None, :]
+  pos = np.where(same, dist, np.inf).min(axis=1)
+  neg = np.where(same, np.inf, dist).min(axis=1)
+  with np.errstate(invalid="ignore"):
+    return np.where(np.isinf(pos), -np.inf, neg - pos)
+
+
+def paper_radius(margin_lower, sigma: float, norm_bound: float) -> np.ndarray:
+  """Thm 3.5: R = 2 sigma Phi^{-1}(1/2 + M / (8F)) where M > 0, else 0 (abstain).
+
+  ``margin_lower`` must be a lower bound on M(g, x) (Prop. 3.9: M(g_hat, x) - 2 t_q
+  - 2 t_b). Since M <= 2F, R <= 2 sigma Phi^{-1}(3/4) ~ 1.349 sigma.
+  """
+  m = np.asarray(margin_lower, np.float64)
+  f = norm_bound * (1 + _F_SLACK)
+  arg = np.clip(0.5 + m / (8.0 * f), 0.5, 1.0)
+  return np.where(m > 0, 2.0 * sigma * special.ndtri(arg), 0.0)
+
+
+# ---------------------------------------------------------------- ours (MATH.md C)
+
+
+def _distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  sq = (np.sum(a * a, 1)[:, None] + np.sum(b * b, 1)[None, :] - 2.0 * a @ b.T)
+  return np.sqrt(np.maximum(sq, 0.0))
+
+
+def halfspace_radii(z: np.ndarray, query_labels: np.ndarray, gallery: np.ndarray,
+                    gallery_labels: np.ndarray, ks: Sequence[int], *, sigma: float,
+                    norm_bound: float, t: float, max_positives: int = 32,
+                    batch: int = 64) -> np.ndarray:
+  """Certified top-K radii from half-spaces, fixed gallery only. [Q, len(ks)].
+
+  Claim (MATH.md C): for a same-class gallery vector ``a`` and another-class ``b``,
+  ``||z - a|| < ||z - b||`` iff ``u.z < c`` with ``u = (b - a)/||b - a||``, ``c =
+  (||b||^2 - ||a||^2)/(2||b - a||)``. ``h = (F - u.f)/(2F)`` lies in [0, 1], so
+  ``x -> Phi^{-1}(E h(x + delta))`` is 1/sigma-Lipschitz (Salman et al. 2019) and
+  ``E h = (F - u.g)/(2F) >= (F - u.g_hat - t)/(2F)`` when ``||g_hat - g|| < t``.
+  Hence ``a`` beats ``b`` for all ``||delta|| < R_ab = sigma (Phi^{-1}((F - u.g_hat -
+  t)/(2F)) - Phi^{-1}((F - c)/(2F)))``. ``a`` stays ahead of all but K - 1 other-class
+  items while ``||delta||`` is below the K-th smallest ``R_ab``, so some same-class
+  item is in the top K; the query's radius is the max over ``a``. Only the
+  ``max_positives`` nearest same-class items are tried (a max over a subset is still
+  a valid lower bound). Non-positive entries mean "not certified". Requires exact
+  (fixed) gallery vectors: with estimated ones the set is not a half-space.
+
+  K = 1 gives the 1-NN certificate; it is never below :func:`paper_radius` of the
+  fixed-gallery margin bound ``M(g_hat) - 2t`` (tested).
+  """
+  z = np.asarray(z, np.float64)
+  gal = np.asarray(gallery, np.float64)
+  ql, gl = np.asarray(query_labels), np.asarray(gallery_labels)
+  ks = validate.check_ks(tuple(ks), len(gal), "ks")
+  f = norm_bound * (1 + _F_SLACK)
+  sq = np.sum(gal * gal, axis=1)
+  out = np.empty((len(z), len(ks)))
+  m = min(max_positives, len(gal))
+  batch = max(1, min(batch, 2_000_000 // (m * len(gal))))
+  for lo in range(0, len(z), batch):
+    zb, lb = z[lo:lo + batch], ql[lo:lo + batch]
+    same = lb[:, None] == gl[None, :]                                  # [q, N]
+    dist = _distances(zb, gal)
+    pos = np.argsort(np.where(same, dist, np.inf), axis=1)[:, :m]     # [q, m]
+    pos_ok = np.take_along_axis(same, pos, axis=1)                     # [q, m]
+    a = gal[pos]                                                       # [q, m, d]
+    ab = np.einsum("qmd,nd->qmn", a, gal)                              # a.b
+    sa = sq[pos][..., None]                                            # ||a||^2
+    sb = sq[None, None, :]
+    nrm = np.sqrt(np.maximum(sa + sb - 2.0 * ab, 0.0))                 # ||b - a||
+    za = np.einsum("qd,qmd->qm", zb, a)[..., None]
+    zg = (zb @ gal.T)[:, None, :]
+    with np.errstate(divide="ignore", invalid="ignore"):
+      s = (zg - za) / nrm                                              # u.z_hat
+      c = (sb - sa) / (2.0 * nrm)
+      p_lo = np.clip((f - s - t) / (2.0 * f), 0.0, 1.0)
+      p_th = np.clip((f - c) / (2.0 * f), 0.0, 1.0)
+      r = sigma * (special.ndtri(p_lo) - special.ndtri(p_th))
+    r = np.where((p_lo <= 0.0) | (p_th >= 1.0) | (nrm <= 0.0), -np.inf, r)
+    r = np.where(np.isnan(r), -np.inf, r)
+    r = np.where(same[:, None, :], np.inf, r)          # same-class items never hurt
+    r = np.sort(r, axis=2)
+    for j, k in enumerate(ks):
+      kth = r[:, :, k - 1]                                                # [q, m]
+      out[lo:lo + batch, j] = np.where(pos_ok, kth, -np.inf).max(axis=1)
+  return out
+
+
+# ---------------------------------------------------------------- per query
+
+
+def certify_smoothed(z: np.ndarray, query_labels: np.ndarray, gallery: np.ndarray,
+                     gallery_labels: np.ndarray, *, sigma: float, norm_bound: float,
+                     t_query: float, t_gallery: float = 0.0,
+                     ks: Sequence[int] = (1,), max_positives: int = 32) -> dict:
+  """Per-query certificates for smoothed 1-NN / top-K retrieval.
+
+  z: g_hat of the queries [Q, d]; gallery [N, d]: fixed vectors (``t_gallery = 0``)
+  or smoothed estimates (``t_gallery`` their error bound). Returns numpy arrays:
+  ``score`` (1-NN of z has the query's class), ``margin`` M(g_hat, x),
+  ``paper_radius`` (Thm 3.5 on ``M - 2 t_query - 2 t_gallery``, 0 = abstain),
+  ``rejected`` (score 1 but the paper's bound is not positive) and, with a fixed
+  gallery, ``halfspace_radius`` [Q, len(ks)] (:func:`halfspace_radii`; K = 1 is the
+  1-NN certificate; ``-inf`` = not certified). With a smoothed gallery the
+  half-space radii are NaN (not available).
+  """
+  margin = minimum_margin(z, query_labels, gallery, gallery_labels)
+  lower = margin - 2.0 * t_query - 2.0 * t_gallery
+  out = {
+      "score": margin > 0,
+      "margin": margin,
+      "paper_radius": paper_radius(lower, sigma, norm_bound),
+      "rejected": (margin > 0) & ~(lower > 0),
+  }
+  if t_gallery == 0.0:
+    out["halfspace_radius"] = halfspace_radii(
+        z, query_labels, gallery, gallery_labels, ks, sigma=sigma,
+        norm_bound=norm_bound, t=t_query, max_positives=max_positives)
+  else:
+    out["halfspace_radius"] = np.full((len(z), len(tuple(ks))), np.nan)
+  return out
+
+
+def certified_recall_curve(radii: np.ndarray, grid: np.ndarray) -> np.ndarray:
+  """Certified Recall at each radius r of ``grid``: mean of 1[R(x) > 0 and R(x) >= r]."""
+  radii = np.asarray(radii, np.float64)
+  ok = radii > 0
+  return np.array([float(np.mean(ok & (radii >= r))) for r in np.asarray(grid)])
