@@ -89,6 +89,25 @@ def _attack(apply, params, qx, ql, qf, cx, cl, cf, eps, ks, c, log, seconds) -> 
   return {"er_recall_qa": er_qa, "er_recall_ca": er_ca}
 
 
+def load_model_and_split(config: ml_collections.ConfigDict, workdir: str):
+  """The latest checkpoint in ``workdir`` and the Q / C draw from the test split.
+
+  Returns ``(apply, params, step, (q_idx, qx, ql), (c_idx, cx, cl))`` with images
+  float in [0, 1]; Q and C do not overlap (``data.num_queries``,
+  ``data.num_candidates``, ``data.split_seed``).
+  """
+  shape = data_lib.config_image_shape(config.data)
+  graphdef, params, step = training.load_trained(config, workdir, shape)
+  split = data_lib.load_config_split(config.data, "test")
+  q_idx, c_idx = data_lib.query_candidate_split(
+      split.labels, config.data.num_queries, config.data.num_candidates,
+      config.data.split_seed)
+  images = data_lib.to_float(split.images)
+  return (models.apply_fn(graphdef), params, step,
+          (q_idx, images[q_idx], split.labels[q_idx]),
+          (c_idx, images[c_idx], split.labels[c_idx]))
+
+
 def certify(config: ml_collections.ConfigDict, workdir: str, *,
             output_dir: str | None = None, log: Callable[[str], None] = print) -> dict:
   """Loads the latest checkpoint in ``workdir``, certifies Q against C, writes a report.
@@ -111,16 +130,8 @@ def certify(config: ml_collections.ConfigDict, workdir: str, *,
   for key in ("attack_steps", "ca_sources", "batch_size", "attack_restarts", "audit_pool"):
     if int(c[key]) < 1:
       raise ValueError(f"config.certify.{key} must be >= 1, got {c[key]!r}")
-  shape = data_lib.config_image_shape(config.data)
-  graphdef, params, step = training.load_trained(config, workdir, shape)
-  apply = models.apply_fn(graphdef)
-  split = data_lib.load_config_split(config.data, "test")
-  q_idx, c_idx = data_lib.query_candidate_split(
-      split.labels, config.data.num_queries, config.data.num_candidates,
-      config.data.split_seed)
-  images = data_lib.to_float(split.images)
-  qx, cx = images[q_idx], images[c_idx]
-  ql, cl = split.labels[q_idx], split.labels[c_idx]
+  apply, params, step, (q_idx, qx, ql), (c_idx, cx, cl) = load_model_and_split(
+      config, workdir)
 
   t0 = time.perf_counter()
   qf = embed(apply, params, qx, batch_size=c.batch_size)

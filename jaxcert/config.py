@@ -89,6 +89,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.smoothing.seed = 0
   c.smoothing.ks = (1, 5, 10)            # top-K certificates (half-space, fixed gallery)
   c.smoothing.max_positives = 32         # same-class gallery items tried per query
+  c.smoothing.empirical_bernstein = True  # fixed gallery: also per-direction bounds
   c.smoothing.num_radii = 61             # points of the certified-recall curve
 
   c.lock()

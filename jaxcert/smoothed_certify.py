@@ -11,6 +11,8 @@ gallery and are skipped). Writes ``results.json`` (metrics, per-query radii),
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from typing import Callable
 
@@ -18,8 +20,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxcert import data as data_lib
-from jaxcert import models, report, smoothing, training, validate
+from jaxcert import certification, models, report, smoothing, validate
 
 GALLERY_MODES = ("fixed", "smoothed")
 SIGMA_MULTIPLES = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0)
@@ -47,16 +48,8 @@ def certify(config: ml_collections.ConfigDict, workdir: str, *,
   """Smoothed retrieval and its certificates for the latest checkpoint in ``workdir``."""
   check_config(config)
   s = config.smoothing
-  shape = data_lib.config_image_shape(config.data)
-  graphdef, params, step = training.load_trained(config, workdir, shape)
-  apply = models.apply_fn(graphdef)
-  split = data_lib.load_config_split(config.data, "test")
-  q_idx, c_idx = data_lib.query_candidate_split(
-      split.labels, config.data.num_queries, config.data.num_candidates,
-      config.data.split_seed)
-  images = data_lib.to_float(split.images)
-  qx, cx = images[q_idx], images[c_idx]
-  ql, cl = split.labels[q_idx], split.labels[c_idx]
+  apply, params, step, (q_idx, qx, ql), (c_idx, cx, cl) = (
+      certification.load_model_and_split(config, workdir))
   fbound = _norm_bound(config)
   ks = validate.check_ks(tuple(s.ks), len(c_idx), "config.smoothing.ks")
   key = jax.random.key(s.seed)
@@ -71,7 +64,10 @@ def certify(config: ml_collections.ConfigDict, workdir: str, *,
                       np.float64)
   dim = base_q.shape[1]
   log(f"smoothing {len(qx)} queries (sigma {s.sigma}, n {s.num_samples})")
-  zq = smoothing.smoothed_embed(apply, params, qx, key=jax.random.fold_in(key, 0), **kw)
+  eb = bool(s.empirical_bernstein) and s.gallery == "fixed"
+  zq = smoothing.smoothed_embed(apply, params, qx, key=jax.random.fold_in(key, 0),
+                                covariance=eb, **kw)
+  zq, cov = zq if eb else (zq, None)
   seconds["smooth_queries"] = time.perf_counter() - t0
   if s.gallery == "smoothed":
     t1 = time.perf_counter()
@@ -86,21 +82,73 @@ def certify(config: ml_collections.ConfigDict, workdir: str, *,
     gallery = base_c
     t_q = smoothing.certified_t(s.num_samples, dim, fbound, s.rho, chunk_size=s.chunk_size)
     t_g = 0.0
+  base_recall = float(np.mean(smoothing.minimum_margin(base_q, ql, base_c, cl) > 0))
+  rate = ((len(qx) + (len(cx) if s.gallery == "smoothed" else 0)) * s.num_samples
+          / (seconds["smooth_queries"] + seconds.get("smooth_gallery", 0.0)))
+  arrays = {"query_indices": q_idx, "query_labels": ql, "smoothed_queries": zq,
+            "candidate_indices": c_idx, "candidate_labels": cl, "gallery": gallery}
+  if cov is not None:
+    arrays["query_covariance"] = cov
+  meta = {"checkpoint_step": step, "embed_dim": int(dim), "base_recall_at_1": base_recall,
+          "samples_per_second": rate, "seconds": seconds}
+  return _certify_and_report(config, arrays, meta, t_q, t_g,
+                             output_dir or f"{workdir}/certify_smoothing", log)
+
+
+def recertify(results_dir: str, *, rho: float | None = None, ks=None,
+              output_dir: str | None = None, log: Callable[[str], None] = print) -> dict:
+  """Recomputes the certificates of an earlier smoothing run from its saved
+  ``embeddings.npz`` (no sampling), optionally at another ``rho`` or other ``ks``;
+  rewrites the report in ``output_dir`` (default: ``results_dir`` itself)."""
+  with open(os.path.join(results_dir, "results.json")) as f:
+    old = json.load(f)
+  config = ml_collections.ConfigDict(old["config"])
+  if rho is not None:
+    config.smoothing.rho = rho
+  if ks is not None:
+    config.smoothing.ks = tuple(ks)
+  check_config(config)
+  s = config.smoothing
+  with np.load(os.path.join(results_dir, "embeddings.npz")) as z:
+    arrays = {k: z[k] for k in z.files}
+  n_c = len(arrays["candidate_labels"])
+  dim = arrays["smoothed_queries"].shape[1]
+  gal = n_c if s.gallery == "smoothed" else None
+  t_q = smoothing.certified_t(s.num_samples, dim, s.norm_bound, s.rho, gallery_size=gal,
+                              chunk_size=s.chunk_size)
+  t_g = t_q if s.gallery == "smoothed" else 0.0
+  meta = {k: old[k] for k in ("checkpoint_step", "embed_dim", "samples_per_second",
+                              "seconds")}
+  meta["base_recall_at_1"] = old["metrics"]["base_recall_at_1"]
+  return _certify_and_report(config, arrays, meta, t_q, t_g, output_dir or results_dir, log)
+
+
+def _certify_and_report(config, arrays: dict, meta: dict, t_q: float, t_g: float,
+                        out: str, log) -> dict:
+  s = config.smoothing
+  fbound = _norm_bound(config)
+  q_idx, ql = arrays["query_indices"], arrays["query_labels"]
+  c_idx, cl = arrays["candidate_indices"], arrays["candidate_labels"]
+  zq, gallery = arrays["smoothed_queries"], arrays["gallery"]
+  ks = validate.check_ks(tuple(s.ks), len(c_idx), "config.smoothing.ks")
+  seconds = dict(meta["seconds"])
   t2 = time.perf_counter()
   cert = smoothing.certify_smoothed(zq, ql, gallery, cl, sigma=s.sigma, norm_bound=fbound,
                                     t_query=t_q, t_gallery=t_g, ks=ks,
-                                    max_positives=s.max_positives)
+                                    max_positives=s.max_positives,
+                                    cov=arrays.get("query_covariance"),
+                                    num_samples=s.num_samples, rho=s.rho,
+                                    chunk_size=s.chunk_size)
   seconds["certify"] = time.perf_counter() - t2
-  base_margin = smoothing.minimum_margin(base_q, ql, base_c, cl)
 
   hs = cert["halfspace_radius"]
   finite = hs[np.isfinite(hs) & (hs > 0)]
   top = max(1.5 * s.sigma, float(np.max(finite)) if finite.size else 0.0)
   grid = np.linspace(0.0, min(top * 1.05, 4.0 * s.sigma), int(s.num_radii))
   curves = {"paper": smoothing.certified_recall_curve(cert["paper_radius"], grid)}
-  if s.gallery == "fixed":
-    for j, k in enumerate(ks):
-      curves[f"halfspace_top{k}"] = smoothing.certified_recall_curve(hs[:, j], grid)
+  for name, rad in _radius_columns(cert, ks, s.gallery).items():
+    if name != "paper":
+      curves[name] = smoothing.certified_recall_curve(rad, grid)
   at = {}
   for mult in SIGMA_MULTIPLES:
     r = np.array([mult * s.sigma])
@@ -112,12 +160,12 @@ def certify(config: ml_collections.ConfigDict, workdir: str, *,
       "method": config.train.method,
       "arch": config.model.arch,
       "dataset": config.data.name,
-      "checkpoint_step": step,
+      "checkpoint_step": meta["checkpoint_step"],
       "sigma": float(s.sigma),
       "num_samples": int(s.num_samples),
       "rho": float(s.rho),
       "norm_bound": fbound,
-      "embed_dim": int(dim),
+      "embed_dim": meta["embed_dim"],
       "gallery": s.gallery,
       "t_query": t_q,
       "t_gallery": t_g,
@@ -126,7 +174,7 @@ def certify(config: ml_collections.ConfigDict, workdir: str, *,
       "num_candidates": len(c_idx),
       "split_seed": config.data.split_seed,
       "metrics": {
-          "base_recall_at_1": float(np.mean(base_margin > 0)),
+          "base_recall_at_1": meta["base_recall_at_1"],
           "smoothed_recall_at_1": float(np.mean(cert["score"])),
           "rejected_ratio": float(np.mean(cert["rejected"])),
           "certified_recall_at_sigma_multiples": at,
@@ -138,19 +186,17 @@ def certify(config: ml_collections.ConfigDict, workdir: str, *,
       "per_query": [
           {"index": int(qi), "label": int(lb), "score": int(sc), "margin": _num(mg),
            "paper_radius": _num(pr),
-           "halfspace_radius": {str(k): _num(h) for k, h in zip(ks, hrow)}}
-          for qi, lb, sc, mg, pr, hrow in zip(q_idx, ql, cert["score"], cert["margin"],
-                                               cert["paper_radius"], hs)],
+           "halfspace_radius": {str(k): _num(h) for k, h in zip(ks, hrow)},
+           **({"halfspace_eb_radius": {str(k): _num(h) for k, h in zip(ks, erow)}}
+              if erow is not None else {})}
+          for qi, lb, sc, mg, pr, hrow, erow in zip(
+              q_idx, ql, cert["score"], cert["margin"], cert["paper_radius"], hs,
+              cert.get("halfspace_eb_radius", [None] * len(q_idx)))],
       "seconds": seconds,
-      "samples_per_second": (len(qx) + (len(cx) if s.gallery == "smoothed" else 0))
-                            * s.num_samples / (seconds["smooth_queries"]
-                                               + seconds.get("smooth_gallery", 0.0)),
+      "samples_per_second": meta["samples_per_second"],
       "config": config.to_dict(),
       "versions": {"jax": jax.__version__, "devices": [str(d) for d in jax.devices()]},
   }
-  out = output_dir or f"{workdir}/certify_smoothing"
-  arrays = {"query_indices": q_idx, "query_labels": ql, "smoothed_queries": zq,
-            "candidate_indices": c_idx, "candidate_labels": cl, "gallery": gallery}
   write_report(out, results, arrays)
   log(markdown_table(results))
   log(f"wrote {out}/results.json, results.md, certified_recall.png")
@@ -171,6 +217,9 @@ def _radius_columns(cert: dict, ks, gallery: str) -> dict:
   if gallery == "fixed":
     for j, k in enumerate(ks):
       cols[f"halfspace_top{k}"] = cert["halfspace_radius"][:, j]
+    if "halfspace_eb_radius" in cert:
+      for j, k in enumerate(ks):
+        cols[f"halfspace_eb_top{k}"] = cert["halfspace_eb_radius"][:, j]
   return cols
 
 
@@ -180,6 +229,9 @@ _LABELS = {"paper": "paper (Thm 3.5), top-1"}
 def _label(name: str) -> str:
   if name in _LABELS:
     return _LABELS[name]
+  if name.startswith("halfspace_eb_top"):
+    k = name.removeprefix("halfspace_eb_top")
+    return f"half-space + per-direction bound (ours), top-{k}"
   return f"half-space (ours), top-{name.removeprefix('halfspace_top')}"
 
 

@@ -15,7 +15,9 @@ estimated by ``g_hat(x)``, the mean of ``n`` Monte-Carlo samples
   the query's class for every ``||delta|| < R``, ``R <= 1.349 sigma`` always.
 - :func:`halfspace_radii` (ours): the same statement through the half-space
   form of each (same-class, other-class) gallery pair, with no ceiling; and the
-  top-K version (a same-class item stays in the top K).
+  top-K version (a same-class item stays in the top K); optionally with
+  per-direction empirical-Bernstein bounds from the samples' covariance in place
+  of the all-directions ``t``.
 
 Assumptions shared by all of them (stated once, checked where possible):
 
@@ -31,7 +33,13 @@ Assumptions shared by all of them (stated once, checked where possible):
 4. Floating point: ``f`` is evaluated in float32; each sample's norm may exceed
    ``F`` by a few ulps and the float32 chunk sums round. The certificates use
    ``F (1 + 1e-5)`` and add ``(chunk + 2) 2^-24 F`` to ``t`` to cover both;
-   the radius formulas themselves run in float64.
+   the radius formulas themselves run in float64, and the half-space geometry
+   (``u.z``, ``c``) is widened by ``1e-7 F``; different-class gallery pairs closer
+   than ``1e-3`` of their norms are recomputed from the difference vector, where
+   the expanded ``||a||^2 + ||b||^2 - 2 a.b`` would cancel. Not covered (the
+   general floating-point caveat of randomized smoothing, Voracek & Hein 2023):
+   float32 Gaussian samples are discretised with truncated tails and ``x + sigma
+   z`` rounds, so ``g`` is the smoothing under that sampler, not the exact Gaussian.
 """
 
 from __future__ import annotations
@@ -56,6 +64,8 @@ __all__ = [
 CERTIFICATES = ("paper", "halfspace")
 _F_SLACK = 1e-5
 _U32 = 2.0 ** -24
+_GEOM_SLACK = 1e-7      # |error| of u.z and c from float64 rounding, in units of F
+_NEAR = 1e-6            # ||b - a||^2 < _NEAR (||a||^2 + ||b||^2): recompute from b - a
 
 
 # ---------------------------------------------------------------- Monte Carlo
@@ -87,8 +97,9 @@ def _check_rho(rho, name: str = "rho") -> float:
   return float(rho)
 
 
-def _sum_fn(apply, sigma: float, bound: float):
-  """Jitted sum of projected f(x + sigma * noise) over one chunk of samples.
+def _sum_fn(apply, sigma: float, bound: float, covariance: bool = False):
+  """Jitted sum of projected f(x + sigma * noise) over one chunk of samples (with
+  ``covariance``: also the sums of ``f - f(x)`` and of its outer products).
 
   Sample ``s`` of an image keyed ``k`` uses ``normal(fold_in(k, s))``: the noise
   of a sample depends only on (image key, sample index), not on the chunking.
@@ -105,7 +116,12 @@ def _sum_fn(apply, sigma: float, bound: float):
     f = apply(params, z.reshape((-1,) + x.shape[1:]))
     f = project_to_ball(f, bound).reshape(x.shape[0], chunk, -1)
     keep = (idx < n)[None, :, None]
-    return jnp.sum(jnp.where(keep, f, 0.0), axis=1)
+    total = jnp.sum(jnp.where(keep, f, 0.0), axis=1)
+    if not covariance:
+      return total
+    ref = project_to_ball(apply(params, x), bound)                     # [q, d]
+    fc = jnp.where(keep, f - ref[:, None], 0.0)
+    return total, jnp.sum(fc, axis=1), jnp.einsum("qcd,qce->qde", fc, fc)
 
   return jax.jit(chunk_sum, static_argnames=("chunk",))
 
@@ -114,7 +130,7 @@ def smoothed_embed(apply: Callable, params, images: np.ndarray, *, sigma: float,
                    num_samples: int, key: jax.Array, norm_bound: float = 1.0,
                    chunk_size: int = 1000, batch_images: int = 1,
                    log: Callable[[str], None] | None = None,
-                   log_every: float = 30.0) -> np.ndarray:
+                   log_every: float = 30.0, covariance: bool = False):
   """Monte-Carlo smoothed embeddings g_hat(x) = (1/n) sum_i f(x + delta_i).
 
   images: float [N, H, W, C] in [0, 1]. Image ``i`` uses the key
@@ -122,7 +138,10 @@ def smoothed_embed(apply: Callable, params, images: np.ndarray, *, sigma: float,
   so the result does not depend on ``chunk_size`` or ``batch_images`` (up to
   float summation order). Samples are projected onto the ball of radius
   ``norm_bound`` (assumption 1 of the module doc). Memory is bounded by
-  ``batch_images * chunk_size`` images at a time. Returns float64 [N, d].
+  ``batch_images * chunk_size`` images at a time. Returns float64 [N, d]; with
+  ``covariance=True`` also the unbiased sample covariance of the samples, float64
+  [N, d, d] (accumulated around the clean f(x) to limit cancellation), which
+  :func:`halfspace_radii` turns into per-direction empirical-Bernstein bounds.
   """
   validate.check_images(images)
   sigma = _check_positive(sigma, "sigma")
@@ -130,9 +149,11 @@ def smoothed_embed(apply: Callable, params, images: np.ndarray, *, sigma: float,
   bound = _check_positive(norm_bound, "norm_bound")
   chunk = min(_check_positive(chunk_size, "chunk_size", integer=True), n)
   q = _check_positive(batch_images, "batch_images", integer=True)
-  fn = _sum_fn(apply, sigma, bound)
+  if n < 2 and covariance:
+    raise ValueError(f"covariance needs num_samples >= 2, got num_samples={n}")
+  fn = _sum_fn(apply, sigma, bound, covariance)
   num = len(images)
-  out = None
+  out = cov = None
   t0 = last = time.perf_counter()
   with jax.default_matmul_precision("highest"):
     for i in range(0, num, q):
@@ -145,7 +166,16 @@ def smoothed_embed(apply: Callable, params, images: np.ndarray, *, sigma: float,
       # dispatch every chunk before reading any back (keeps the device busy), then
       # add the float32 chunk sums in float64
       sums = [fn(params, x, keys, start, n, chunk) for start in range(0, n, chunk)]
-      total = np.sum([np.asarray(v, np.float64) for v in sums], axis=0)
+      if covariance:
+        total, s1, s2 = (np.sum([np.asarray(v[j], np.float64) for v in sums], axis=0)
+                         for j in range(3))
+        m1 = s1 / n
+        c = (s2 - n * m1[:, :, None] * m1[:, None, :]) / (n - 1)
+        if cov is None:
+          cov = np.zeros((num,) + c.shape[1:], np.float64)
+        cov[i:i + q - pad] = c[:q - pad]
+      else:
+        total = np.sum([np.asarray(v, np.float64) for v in sums], axis=0)
       if out is None:
         out = np.zeros((num, total.shape[-1]), np.float64)
       out[i:i + q - pad] = total[:q - pad] / n
@@ -156,7 +186,7 @@ def smoothed_embed(apply: Callable, params, images: np.ndarray, *, sigma: float,
         log(f"smoothing: {done}/{num} images, {n} samples each | {rate:,.0f} samples/s "
             f"| ETA {(num - done) * n / rate:.0f}s")
         last = now
-  return out
+  return (out, cov) if covariance else out
 
 
 def mc_error_bound(num_samples: int, dim: int, norm_bound: float, rho: float) -> float:
@@ -237,7 +267,9 @@ def _distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def halfspace_radii(z: np.ndarray, query_labels: np.ndarray, gallery: np.ndarray,
                     gallery_labels: np.ndarray, ks: Sequence[int], *, sigma: float,
                     norm_bound: float, t: float, max_positives: int = 32,
-                    batch: int = 64) -> np.ndarray:
+                    batch: int = 64, cov: np.ndarray | None = None,
+                    num_samples: int | None = None, rho_eb: float | None = None,
+                    chunk_size: int = 1000) -> np.ndarray:
   """Certified top-K radii from half-spaces, fixed gallery only. [Q, len(ks)].
 
   Claim (MATH.md C): for a same-class gallery vector ``a`` and another-class ``b``,
@@ -255,12 +287,36 @@ def halfspace_radii(z: np.ndarray, query_labels: np.ndarray, gallery: np.ndarray
 
   K = 1 gives the 1-NN certificate; it is never below :func:`paper_radius` of the
   fixed-gallery margin bound ``M(g_hat) - 2t`` (tested).
+
+  Per-direction bounds (ours): with ``cov`` (the sample covariance from
+  ``smoothed_embed(..., covariance=True)``), ``num_samples`` n and ``rho_eb``, the
+  deviation of each pair is ``min(t, e_ab)`` with the empirical Bernstein bound
+  (Maurer & Pontil 2009, Thm 4, on ``u.f`` in [-F, F]):
+  ``u.g <= u.g_hat + sqrt(2 V_ab L / n) + 14 F L / (3 (n - 1))``, ``V_ab = u' cov u``,
+  ``L = ln(2 P / rho_eb)`` with P = |B+| |B-| of the query (a union bound over every
+  pair, whichever are tried). It holds for all pairs with probability
+  ``>= 1 - rho_eb``; combined with ``t`` (valid with probability ``1 - rho_t``) the
+  query's certificate holds with probability ``>= 1 - rho_t - rho_eb``. When the
+  samples vary little along ``u`` (most directions: ``E||f - g||^2 <= F^2`` is
+  spread over d dimensions) ``e_ab`` is several times smaller than ``t``.
   """
   z = np.asarray(z, np.float64)
   gal = np.asarray(gallery, np.float64)
-  ql, gl = np.asarray(query_labels), np.asarray(gallery_labels)
+  ql, gl = _check_labels(query_labels, gallery_labels)
   ks = validate.check_ks(tuple(ks), len(gal), "ks")
   f = norm_bound * (1 + _F_SLACK)
+  _check_in_ball(z, f, "z (smoothed query embeddings)")
+  _check_in_ball(gal, f, "gallery")
+  slack = _GEOM_SLACK * f
+  if cov is not None:
+    cov = np.asarray(cov, np.float64)
+    validate.check_shape(cov, (len(z), z.shape[1], z.shape[1]), "cov")
+    n_s = _check_positive(num_samples, "num_samples", integer=True)
+    if n_s < 2:
+      raise ValueError(f"num_samples must be >= 2 with cov, got {n_s}")
+    rho_eb = _check_rho(rho_eb, "rho_eb")
+    var_slack = 4.0 * (min(chunk_size, n_s) + 2) * _U32 * f * f * n_s / (n_s - 1)
+    mean_slack = (min(chunk_size, n_s) + 2) * _U32 * f
   sq = np.sum(gal * gal, axis=1)
   out = np.empty((len(z), len(ks)))
   m = min(max_positives, len(gal))
@@ -278,11 +334,36 @@ def halfspace_radii(z: np.ndarray, query_labels: np.ndarray, gallery: np.ndarray
     nrm = np.sqrt(np.maximum(sa + sb - 2.0 * ab, 0.0))                 # ||b - a||
     za = np.einsum("qd,qmd->qm", zb, a)[..., None]
     zg = (zb @ gal.T)[:, None, :]
+    if cov is not None:
+      cb = cov[lo:lo + batch]
+      g_c = np.einsum("nd,qde->qne", gal, cb)                          # Sigma b
+      vq = (np.einsum("qne,ne->qn", g_c, gal)[:, None, :]               # (b-a)' S (b-a)
+            - 2.0 * np.einsum("qmd,qnd->qmn", a, g_c)
+            + np.einsum("qmd,qde,qme->qm", a, cb, a)[..., None])
     with np.errstate(divide="ignore", invalid="ignore"):
       s = (zg - za) / nrm                                              # u.z_hat
       c = (sb - sa) / (2.0 * nrm)
-      p_lo = np.clip((f - s - t) / (2.0 * f), 0.0, 1.0)
-      p_th = np.clip((f - c) / (2.0 * f), 0.0, 1.0)
+      near = np.argwhere((nrm * nrm < _NEAR * (sa + sb)) & ~same[:, None, :])
+      for qi, mi, ni in near:            # cancellation: recompute from v = b - a
+        av, bv = a[qi, mi], gal[ni]
+        v = bv - av
+        nv = np.sqrt(v @ v)
+        nrm[qi, mi, ni] = nv
+        s[qi, mi, ni] = (v @ zb[qi]) / nv
+        c[qi, mi, ni] = (v @ (0.5 * (av + bv))) / nv
+        if cov is not None:
+          vq[qi, mi, ni] = v @ cb[qi] @ v
+      dev = t
+      if cov is not None:
+        var = np.maximum(vq / (nrm * nrm), 0.0) + var_slack             # u' S u
+        npos = same.sum(axis=1)
+        pairs = np.maximum(npos * (len(gal) - npos), 1)[:, None, None]
+        lg = np.log(2.0 * pairs / rho_eb)
+        eb = (np.sqrt(2.0 * var * lg / n_s) + 14.0 * f * lg / (3.0 * (n_s - 1))
+              + mean_slack)
+        dev = np.minimum(t, np.where(np.isfinite(eb), eb, t))
+      p_lo = np.clip((f - (s + slack) - dev) / (2.0 * f), 0.0, 1.0)
+      p_th = np.clip((f - (c - slack)) / (2.0 * f), 0.0, 1.0)
       r = sigma * (special.ndtri(p_lo) - special.ndtri(p_th))
     r = np.where((p_lo <= 0.0) | (p_th >= 1.0) | (nrm <= 0.0), -np.inf, r)
     r = np.where(np.isnan(r), -np.inf, r)
@@ -300,7 +381,9 @@ def halfspace_radii(z: np.ndarray, query_labels: np.ndarray, gallery: np.ndarray
 def certify_smoothed(z: np.ndarray, query_labels: np.ndarray, gallery: np.ndarray,
                      gallery_labels: np.ndarray, *, sigma: float, norm_bound: float,
                      t_query: float, t_gallery: float = 0.0,
-                     ks: Sequence[int] = (1,), max_positives: int = 32) -> dict:
+                     ks: Sequence[int] = (1,), max_positives: int = 32,
+                     cov: np.ndarray | None = None, num_samples: int | None = None,
+                     rho: float | None = None, chunk_size: int = 1000) -> dict:
   """Per-query certificates for smoothed 1-NN / top-K retrieval.
 
   z: g_hat of the queries [Q, d]; gallery [N, d]: fixed vectors (``t_gallery = 0``)
@@ -310,8 +393,15 @@ def certify_smoothed(z: np.ndarray, query_labels: np.ndarray, gallery: np.ndarra
   ``rejected`` (score 1 but the paper's bound is not positive) and, with a fixed
   gallery, ``halfspace_radius`` [Q, len(ks)] (:func:`halfspace_radii`; K = 1 is the
   1-NN certificate; ``-inf`` = not certified). With a smoothed gallery the
-  half-space radii are NaN (not available).
+  half-space radii are NaN (not available). With ``cov`` (fixed gallery), also
+  ``halfspace_eb_radius``: the half-space radii with per-direction empirical
+  Bernstein bounds, ``rho`` split evenly between Lemma 3.6 (``t`` recomputed at
+  ``rho / 2``) and the per-direction bounds, so it holds with probability ``1 - rho``.
   """
+  _check_labels(query_labels, gallery_labels)
+  f = norm_bound * (1 + _F_SLACK)
+  _check_in_ball(np.asarray(z, np.float64), f, "z (smoothed query embeddings)")
+  _check_in_ball(np.asarray(gallery, np.float64), f, "gallery")
   margin = minimum_margin(z, query_labels, gallery, gallery_labels)
   lower = margin - 2.0 * t_query - 2.0 * t_gallery
   out = {
@@ -326,11 +416,40 @@ def certify_smoothed(z: np.ndarray, query_labels: np.ndarray, gallery: np.ndarra
         norm_bound=norm_bound, t=t_query, max_positives=max_positives)
   else:
     out["halfspace_radius"] = np.full((len(z), len(tuple(ks))), np.nan)
+  if cov is not None and t_gallery == 0.0:
+    n_s = _check_positive(num_samples, "num_samples", integer=True)
+    rho = _check_rho(rho)
+    t_half = certified_t(n_s, np.shape(z)[1], norm_bound, rho / 2, chunk_size=chunk_size)
+    out["halfspace_eb_radius"] = halfspace_radii(
+        z, query_labels, gallery, gallery_labels, ks, sigma=sigma, norm_bound=norm_bound,
+        t=t_half, max_positives=max_positives, cov=cov, num_samples=n_s,
+        rho_eb=rho / 2, chunk_size=chunk_size)
   return out
 
 
 def certified_recall_curve(radii: np.ndarray, grid: np.ndarray) -> np.ndarray:
-  """Certified Recall at each radius r of ``grid``: mean of 1[R(x) > 0 and R(x) >= r]."""
+  """Certified Recall at each radius r of ``grid``: mean of 1[R(x) > r] (r >= 0).
+
+  Strict: a radius R covers every ``||delta|| < R``, so it certifies all
+  perturbations of norm ``<= r`` only when ``R > r``.
+  """
   radii = np.asarray(radii, np.float64)
-  ok = radii > 0
-  return np.array([float(np.mean(ok & (radii >= r))) for r in np.asarray(grid)])
+  return np.array([float(np.mean(radii > max(float(r), 0.0))) for r in np.asarray(grid)])
+
+
+def _check_labels(query_labels, gallery_labels):
+  ql, gl = np.asarray(query_labels), np.asarray(gallery_labels)
+  if ql.dtype.kind not in "iu" or gl.dtype.kind not in "iu":
+    raise ValueError(f"query_labels and gallery_labels must be integer arrays, got "
+                     f"dtypes {ql.dtype} and {gl.dtype}")
+  return ql, gl
+
+
+def _check_in_ball(v: np.ndarray, bound: float, name: str) -> None:
+  norms = np.linalg.norm(v, axis=-1) if v.size else np.zeros(0)
+  if np.any(~np.isfinite(norms)):
+    raise ValueError(f"{name} holds non-finite values")
+  if norms.size and norms.max() > bound:
+    raise ValueError(f"{name} has a vector of norm {norms.max():.6g} > norm_bound "
+                     f"{bound:.6g}: the certificates need ||f|| <= F (use the same "
+                     "norm_bound as smoothed_embed, or project the vectors)")

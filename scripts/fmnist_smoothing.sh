@@ -21,4 +21,5 @@ if [ "$STAGE" != train ]; then
     python certify.py --config=configs/smoothing.py:dml,$s --workdir="$ROOT/dml" \
       --config.certify.output_dir="$ROOT/dml/certify_sigma$s" "${CERT[@]}"
   done
+  python scripts/smoothing_summary.py "$ROOT"     # summary.md + summary.png
 fi

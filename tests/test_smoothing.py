@@ -229,14 +229,16 @@ def test_no_perturbation_inside_the_certified_radius_breaks_retrieval(k):
   z = sign_model_g(xs, sigma)
   ql = (z[:, 0] + 0.3 * z[:, 1] > 0).astype(int)
   # with exact g (t = 0) and with an MC estimate plus its t
-  est = smoothing.smoothed_embed(sign_model, {}, xs.reshape(-1, 1, 1, 2).astype(np.float32),
-                                 sigma=sigma, num_samples=20_000, key=jax.random.key(5))
+  est, cov = smoothing.smoothed_embed(
+      sign_model, {}, xs.reshape(-1, 1, 1, 2).astype(np.float32), sigma=sigma,
+      num_samples=20_000, key=jax.random.key(5), covariance=True)
   t = smoothing.certified_t(20_000, 2, F, 0.01)
   checked, broken = 0, 0
-  for zz, tt in ((z, 0.0), (est, t)):
+  for zz, tt, eb in ((z, 0.0, False), (est, t, False), (est, t, True)):
     cert = smoothing.certify_smoothed(zz, ql, gallery, gl, sigma=sigma, norm_bound=F,
-                                      t_query=tt, ks=(k,))
-    radii = cert["halfspace_radius"][:, 0]
+                                      t_query=tt, ks=(k,), cov=cov if eb else None,
+                                      num_samples=20_000, rho=0.01)
+    radii = cert["halfspace_eb_radius" if eb else "halfspace_radius"][:, 0]
     if k == 1:
       assert np.all(radii >= cert["paper_radius"] - 1e-9)
     for i in np.flatnonzero(radii > 0):
@@ -255,4 +257,66 @@ def test_no_perturbation_inside_the_certified_radius_breaks_retrieval(k):
 def test_certified_recall_curve_counts_positive_radii():
   radii = np.array([-np.inf, 0.0, 0.1, 0.5, np.inf])
   curve = smoothing.certified_recall_curve(radii, np.array([0.0, 0.1, 0.2, 1.0]))
-  chex.assert_trees_all_close(curve, np.array([0.6, 0.6, 0.4, 0.2]))
+  chex.assert_trees_all_close(curve, np.array([0.6, 0.4, 0.4, 0.2]))   # strict: R > r
+
+
+def test_near_duplicate_gallery_pair_is_not_overstated():
+  # f = F sign(x_1 - 1/2) e_j, g = F (2 Phi((x_1 - 1/2)/sigma) - 1) e_j exactly. a and b
+  # (other class) differ by a few float32 ulps in coordinate j; the expanded
+  # ||a||^2 + ||b||^2 - 2 a.b cancels there and once overstated the radius by 1.57x.
+  sigma, d = 0.5, 128
+  t = smoothing.certified_t(100_000, d, F, 0.01)
+  rng = np.random.default_rng(1)
+  worst = 0.0
+  for _ in range(300):
+    a = rng.normal(size=d)
+    a = (a / np.linalg.norm(a) * 0.999).astype(np.float32)
+    j = int(rng.integers(d))
+    b = a.copy()
+    for _ in range(int(rng.integers(1, 4))):
+      b[j] = np.nextafter(b[j], np.float32(np.inf))
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    x1 = 0.5 + sigma * special.ndtri((1 + (a64[j] - 0.15) / F) / 2)
+    z = F * (2 * special.ndtr((x1 - 0.5) / sigma) - 1) * np.eye(d)[j]
+    r = smoothing.halfspace_radii(z[None], np.array([0]), np.stack([a64, b64]),
+                                  np.array([0, 1]), (1,), sigma=sigma, norm_bound=F,
+                                  t=t)[0, 0]
+    flip = 0.5 + sigma * special.ndtri((1 + (a64[j] + b64[j]) / 2 / F) / 2) - x1
+    if np.isfinite(r) and r > 0:
+      worst = max(worst, r / flip)
+  assert worst <= 1.0, worst
+
+
+def test_certificates_reject_vectors_outside_the_ball_and_bad_labels():
+  z, ql, gal, gl = _random_problem(0)
+  with pytest.raises(ValueError, match="norm 1.5 > norm_bound"):
+    smoothing.certify_smoothed(np.array([[1.5, 0, 0, 0]]), ql[:1], gal, gl, sigma=0.3,
+                               norm_bound=F, t_query=0.0)
+  with pytest.raises(ValueError, match="must be integer arrays"):
+    smoothing.halfspace_radii(z, ql.astype(str), gal, gl, (1,), sigma=0.3, norm_bound=F,
+                              t=0.0)
+
+
+def test_empirical_bernstein_direction_bound_fails_at_most_rho():
+  # 3000 independent estimates (n = 200) of g(x) for f = F sign(x - 1/2) per coordinate
+  # (d = 4) at a point where g is known; check u.g <= u.g_hat + e(u) in 6 fixed
+  # directions, with the union bound over them, as halfspace_radii uses it.
+  n, rho, reps, sigma, d = 200, 0.05, 3000, 0.5, 4
+  x0 = np.array([0.5, 0.6, 0.3, 0.9], np.float32)
+  images = np.broadcast_to(x0, (reps, 1, 1, d)).copy()
+  est, cov = smoothing.smoothed_embed(sign_model, {}, images, sigma=sigma, num_samples=n,
+                                      key=jax.random.key(9), chunk_size=200,
+                                      batch_images=500, covariance=True)
+  g = sign_model_g(x0[None], sigma)[0]
+  # the sample covariance is unbiased: its mean matches the exact one
+  exact_var = (F * F / d) - g * g
+  np.testing.assert_allclose(np.mean(cov[:, range(d), range(d)], axis=0), exact_var,
+                             atol=3e-3)
+  u = np.random.default_rng(0).normal(size=(6, d))
+  u /= np.linalg.norm(u, axis=1, keepdims=True)
+  lg = np.log(2 * len(u) / rho)
+  var = np.einsum("kd,rde,ke->rk", u, cov, u)
+  e = np.sqrt(2 * var * lg / n) + 14 * F * lg / (3 * (n - 1))
+  gap = (u @ g)[None] - est @ u.T                        # u.g - u.g_hat  [reps, 6]
+  assert np.mean(np.any(gap > e, axis=1)) <= rho
+  assert np.mean(np.any(gap > e / 8, axis=1)) > rho      # a bound 8x too small is caught

@@ -72,7 +72,9 @@ def test_gdml_resumes_with_beta_and_certify_writes_smoothing_report(tmp_path, mo
   assert len(on_disk["per_query"]) == 10 and on_disk["gallery"] == "fixed"
   t = smoothing.certified_t(200, 8, 1.0, 0.01, chunk_size=64)
   assert on_disk["t_query"] == pytest.approx(t)
+  assert "halfspace_eb_top1" in on_disk["curve"]         # per-direction bounds (default)
   for row in on_disk["per_query"]:
+    assert set(row["halfspace_eb_radius"]) == {"1", "3"}
     hs1 = float(row["halfspace_radius"]["1"])
     if row["paper_radius"] > 0:              # 0 = the paper abstains
       assert hs1 >= row["paper_radius"] - 1e-9
@@ -86,6 +88,15 @@ def test_gdml_resumes_with_beta_and_certify_writes_smoothing_report(tmp_path, mo
                                     norm_bound=1.0, t_query=t, ks=(1, 3))
   np.testing.assert_allclose(cert["paper_radius"],
                              [r["paper_radius"] for r in on_disk["per_query"]])
+  assert arr["query_covariance"].shape == (10, 8, 8)
+  # recomputed without sampling at a looser rho: smaller t, radii never smaller
+  from jaxcert import smoothed_certify
+  again = smoothed_certify.recertify(str(out), rho=0.2, output_dir=str(tmp_path / "re"),
+                                     log=lambda s: None)
+  assert again["t_query"] < on_disk["t_query"]
+  for new, old in zip(again["per_query"], on_disk["per_query"]):
+    assert new["paper_radius"] >= old["paper_radius"]
+    assert float(new["halfspace_radius"]["1"]) >= float(old["halfspace_radius"]["1"])
   curve = on_disk["curve"]
   assert curve["paper"][0] == pytest.approx(
       np.mean([r["paper_radius"] > 0 for r in on_disk["per_query"]]))
@@ -195,3 +206,20 @@ def test_ablation_script_over_n_and_rho(tmp_path, mock_fmnist):
   assert (tmp_path / "n.png").stat().st_size > 1000
   with pytest.raises(ValueError, match="needs --workdir"):
     ablation.run(cfg, "n", ["64"], None, str(tmp_path / "abl"))
+
+
+def test_smoothing_config_file():
+  import importlib.util
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                      "configs", "smoothing.py")
+  spec = importlib.util.spec_from_file_location("smoothing_config", path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  c = mod.get_config("gdml,0.5")
+  assert (c.train.method, c.train.noise_sigma, c.smoothing.sigma) == ("gdml", 0.5, 0.5)
+  assert c.model.normalize and c.certify.method == "smoothing"
+  assert mod.get_config("dml").train.method == "dml"
+  with pytest.raises(ValueError, match="METHOD must be dml or gdml, got 'tbt'"):
+    mod.get_config("tbt")
+  with pytest.raises(ValueError, match="takes METHOD\\[,SIGMA\\]"):
+    mod.get_config("gdml,0.5,3")
