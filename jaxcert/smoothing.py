@@ -44,6 +44,7 @@ Assumptions shared by all of them (stated once, checked where possible):
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from typing import Callable, Sequence
@@ -97,6 +98,7 @@ def _check_rho(rho, name: str = "rho") -> float:
   return float(rho)
 
 
+@functools.lru_cache(maxsize=16)   # one compiled function per (model, sigma, F, mode)
 def _sum_fn(apply, sigma: float, bound: float, covariance: bool = False):
   """Jitted sum of projected f(x + sigma * noise) over one chunk of samples (with
   ``covariance``: also the sums of ``f - f(x)`` and of its outer products).
