@@ -39,10 +39,6 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   validate.check_ks(tuple(s.ks), config.data.num_candidates, "config.smoothing.ks")
 
 
-def _norm_bound(config) -> float:
-  return float(config.smoothing.norm_bound)
-
-
 def certify(config: ml_collections.ConfigDict, workdir: str, *,
             output_dir: str | None = None, log: Callable[[str], None] = print) -> dict:
   """Smoothed retrieval and its certificates for the latest checkpoint in ``workdir``."""
@@ -50,8 +46,7 @@ def certify(config: ml_collections.ConfigDict, workdir: str, *,
   s = config.smoothing
   apply, params, step, (q_idx, qx, ql), (c_idx, cx, cl) = (
       certification.load_model_and_split(config, workdir))
-  fbound = _norm_bound(config)
-  ks = validate.check_ks(tuple(s.ks), len(c_idx), "config.smoothing.ks")
+  fbound = float(s.norm_bound)
   key = jax.random.key(s.seed)
   kw = dict(sigma=s.sigma, num_samples=s.num_samples, norm_bound=fbound,
             chunk_size=s.chunk_size, batch_images=s.batch_images, log=log)
@@ -126,7 +121,7 @@ def recertify(results_dir: str, *, rho: float | None = None, ks=None,
 def _certify_and_report(config, arrays: dict, meta: dict, t_q: float, t_g: float,
                         out: str, log) -> dict:
   s = config.smoothing
-  fbound = _norm_bound(config)
+  fbound = float(s.norm_bound)
   q_idx, ql = arrays["query_indices"], arrays["query_labels"]
   c_idx, cl = arrays["candidate_indices"], arrays["candidate_labels"]
   zq, gallery = arrays["smoothed_queries"], arrays["gallery"]

@@ -44,22 +44,14 @@ def run(config, param: str, values, workdir: str | None, root: str, log=print) -
   if param != "d" and not workdir:
     raise ValueError(f"--param={param} needs --workdir (the trained model)")
   out: dict = {}
-  if param == "rho":
-    c = config.copy_and_resolve_references()
-    res = smoothed_certify.certify(c, workdir, output_dir=os.path.join(root, "rho_base"),
-                                   log=log)
-    arr = np.load(os.path.join(root, "rho_base", "embeddings.npz"))
+  if param == "rho":   # one sampling run, certificates recomputed at each rho
+    base_dir = os.path.join(root, "rho_base")
+    base = smoothed_certify.certify(config.copy_and_resolve_references(), workdir,
+                                    output_dir=base_dir, log=log)
     for v in values:
-      t = smoothing.certified_t(c.smoothing.num_samples, res["embed_dim"],
-                                c.smoothing.norm_bound, float(v),
-                                chunk_size=c.smoothing.chunk_size)
-      cert = smoothing.certify_smoothed(arr["smoothed_queries"], arr["query_labels"],
-                                        arr["gallery"], arr["candidate_labels"],
-                                        sigma=c.smoothing.sigma,
-                                        norm_bound=c.smoothing.norm_bound, t_query=t,
-                                        ks=(1,), max_positives=c.smoothing.max_positives)
-      out[str(v)] = _summary(cert["paper_radius"], cert["halfspace_radius"][:, 0],
-                             cert["rejected"], t, res["curve"]["radius"])
+      res = smoothed_certify.recertify(base_dir, rho=float(v),
+                                       output_dir=os.path.join(root, f"rho{v}"), log=log)
+      out[str(v)] = _summary_of(res, base["curve"]["radius"])
     return out
   for v in values:
     c = config.copy_and_resolve_references()
@@ -73,19 +65,19 @@ def run(config, param: str, values, workdir: str | None, root: str, log=print) -
       training.train(c, wd, log=log)
     res = smoothed_certify.certify(c, wd, output_dir=os.path.join(root, f"{param}{v}"),
                                    log=log)
-    pq = res["per_query"]
-    out[str(v)] = _summary(np.array([r["paper_radius"] for r in pq], float),
-                           np.array([float(r["halfspace_radius"]["1"]) for r in pq]),
-                           None, res["t_query"], res["curve"]["radius"],
-                           rejected_ratio=res["metrics"]["rejected_ratio"])
+    out[str(v)] = _summary_of(res, res["curve"]["radius"])
   return out
 
 
-def _summary(paper, halfspace, rejected, t, grid, rejected_ratio=None) -> dict:
+def _summary_of(res: dict, grid) -> dict:
+  """t, rejected ratio and the top-1 paper / half-space curves of a certify result."""
+  pq = res["per_query"]
   grid = np.asarray(grid)
+  paper = np.array([r["paper_radius"] for r in pq], float)
+  halfspace = np.array([float(r["halfspace_radius"]["1"]) for r in pq])
   return {
-      "t": float(t),
-      "rejected_ratio": float(np.mean(rejected)) if rejected is not None else rejected_ratio,
+      "t": float(res["t_query"]),
+      "rejected_ratio": res["metrics"]["rejected_ratio"],
       "radius": grid.tolist(),
       "paper": smoothing.certified_recall_curve(paper, grid).tolist(),
       "halfspace": smoothing.certified_recall_curve(halfspace, grid).tolist(),
