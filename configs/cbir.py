@@ -1,13 +1,9 @@
-"""The CBIR paper's grid: ``--config=configs/cbir.py:DATASET,ARCH,METHOD[,EPS][,BUDGET]``.
+"""``--config=configs/cbir.py:DATASET,ARCH,METHOD[,EPS][,BUDGET]`` from a checkout.
 
-DATASET mnist | fashion_mnist | cifar10; ARCH small | large; METHOD triplet | act |
-cibp | tbt | fctb; EPS e.g. 0.2 or 2/255 (certification radius); BUDGET paper | cpu.
-The settings and our choices where the paper is silent are documented in
-``jaxcert/grid.py``.
+The config itself is bundled with the package, ``jaxcert/configs/cbir.py``
+(``--config=cbir:...`` wherever jaxcert is installed).
 """
 
-from jaxcert.grid import cbir_config
+from jaxcert.configs.cbir import get_config
 
-
-def get_config(arg: str = "fashion_mnist,large,tbt"):
-  return cbir_config(arg)
+__all__ = ["get_config"]

@@ -27,14 +27,17 @@ from jaxcert import distance, losses, metrics, models, ranks, validate
 
 def pgd(loss_fn: Callable[[jax.Array], jax.Array], x: jax.Array, eps, *, steps: int,
         step_size, restarts: int = 1, key: jax.Array | None = None,
-        random_start: bool = False, unroll: bool = True) -> jax.Array:
+        random_start: bool = False, unroll: bool = True,
+        start: jax.Array | None = None) -> jax.Array:
   """Minimises ``loss_fn(x_adv).sum()`` over ``|x_adv - x|_inf <= eps``, x_adv in [0, 1].
 
   loss_fn maps a batch [B, ...] to per-example losses [B]; examples are attacked
   independently. The first run starts at x (at a uniform random point of the
   ball if ``random_start``), each further restart at a uniform random point
   (``key`` required for either); per example, the iterate with the lowest final
-  loss is returned.
+  loss is returned. ``start`` (a point of the ball, shaped like x) replaces the first
+  run's start, e.g. a random start drawn by the caller for a whole batch before it is
+  split over devices.
 
   The step loop is unrolled by default: XLA's CPU backend runs a rolled loop of
   convolutions several times slower (``bench/attack_throughput.py`` measures both),
@@ -46,7 +49,9 @@ def pgd(loss_fn: Callable[[jax.Array], jax.Array], x: jax.Array, eps, *, steps: 
   def body(_, z):
     return jnp.clip(z - step_size * jnp.sign(grad(z)), lo, hi)
 
-  start = x
+  if start is not None and random_start:
+    raise ValueError("pgd: pass either start or random_start=True, not both")
+  start = x if start is None else start
   if random_start:
     if key is None:
       raise ValueError("pgd: random_start needs a PRNG key")

@@ -7,6 +7,7 @@ CR-Recall@K under query attacks (Thm 1, 3) and candidate attacks (Thm 2, 4).
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Callable, Sequence
 
@@ -15,40 +16,65 @@ import ml_collections
 import numpy as np
 
 from jaxcert import data as data_lib
-from jaxcert import attacks, distance, metrics, models, ranks, report, training, validate
+from jaxcert import (attacks, distance, linear_bounds, metrics, models, ranks, report,
+                     training, validate)
 from jaxcert.interval import Interval, ibp, input_box
 from jaxcert.models import embed  # noqa: F401  (part of this module's API)
 
 
 def feature_boxes(apply, params, images: np.ndarray, eps: float, *,
-                  batch_size: int = 256) -> Interval:
-  """IBP boxes containing f(x + delta) for all ||delta||_inf <= eps, x + delta in [0, 1].
+                  batch_size: int = 256, fp_sound: bool = False,
+                  method: str = "ibp") -> Interval:
+  """Boxes containing f(x + delta) for all ||delta||_inf <= eps, x + delta in [0, 1].
 
-  images: float [N, H, W, C] in [0, 1]. Returns Interval [N, d].
+  ``method``: ``"ibp"`` (interval bound propagation), or ``"crown_ibp"`` / ``"crown"``
+  (back-substituted linear bounds, :mod:`jaxcert.linear_bounds`: tighter, costlier,
+  feed-forward ReLU networks only, sound in exact arithmetic -- ``fp_sound`` is not
+  available for them and raises).
+
+  images: float [N, H, W, C] in [0, 1]. Returns Interval [N, d]. ``fp_sound``: the
+  boxes also hold despite float32 rounding and contain the float forward pass of
+  every such input (:mod:`jaxcert.interval`); with ``eps = 0`` they are boxes around
+  the clean features that contain the exact and every IEEE float32 evaluation.
   """
   eps = validate.check_eps(eps)
   validate.check_images(images)
-  fn = jax.jit(lambda p, x: ibp(lambda z: apply(p, z))(input_box(x, eps)))
+  if method not in linear_bounds.METHODS:
+    raise ValueError(f"method must be one of {linear_bounds.METHODS}, got method={method!r}")
+  if method == "ibp":
+    fn = jax.jit(lambda p, x: ibp(lambda z: apply(p, z), fp_sound=fp_sound)(
+        input_box(x, eps, fp_sound=fp_sound)))
+  elif fp_sound:
+    raise ValueError(f"fp_sound=True covers method='ibp' only, got method={method!r}: "
+                     "linear bounds are sound in exact arithmetic (set fp_sound=False, "
+                     "config.certify.fp_sound=False, to use them)")
+  else:
+    fn = jax.jit(lambda p, x: linear_bounds.linear_bounds(lambda z: apply(p, z), method)(
+        input_box(x, eps)))
   return models.map_batches(lambda x: fn(params, x), images, batch_size)
 
 
 def certify_features(query_features, query_boxes: Interval, query_labels,
                      cand_features, cand_boxes: Interval, cand_labels,
-                     ks: Sequence[int] = (1, 10, 20, 40)) -> dict:
+                     ks: Sequence[int] = (1, 10, 20, 40), *, fp_sound: bool = False,
+                     clean_boxes: tuple[Interval, Interval] | None = None) -> dict:
   """Recall@K (Eq. 22) and CR-Recall@K (Eq. 25) for QA and CA.
 
   query_features [Q, d], query_boxes Interval [Q, d] (boxes of f(q + delta)),
   cand_features [N, d], cand_boxes Interval [N, d] (boxes of f(c + delta)),
   labels [Q] and [N]. Returns a dict of {K: value} per metric. CR-Recall is the
   paper's two-sided test; ``*_one_sided`` only demands that the same-class image
-  stays in the top K.
+  stays in the top K. ``fp_sound``: float-sound distance bounds; ``clean_boxes``
+  (query [Q, d], candidate [N, d]): boxes around the clean features used in the
+  distance bounds instead of the points (e.g. ``feature_boxes(..., 0.0, fp_sound=True)``,
+  which contain the exact clean features); the clean ranking still uses the points.
   """
   return _certify(query_features, query_boxes, query_labels, cand_features, cand_boxes,
-                  cand_labels, ks)[0]
+                  cand_labels, ks, fp_sound=fp_sound, clean_boxes=clean_boxes)[0]
 
 
 def _certify(query_features, query_boxes, query_labels, cand_features, cand_boxes,
-             cand_labels, ks):
+             cand_labels, ks, *, fp_sound=False, clean_boxes=None):
   """certify_features, plus (QA bounds, CA bounds, clean ranks) for the audits."""
   q, n = len(query_features), len(cand_features)
   validate.check_gallery(n)
@@ -59,8 +85,12 @@ def _certify(query_features, query_boxes, query_labels, cand_features, cand_boxe
 
   _, clean_rank = ranks.clean_ranks(distance.pairwise_distances(query_features,
                                                                 cand_features))
-  qa = ranks.qa_rank_bounds(query_boxes, cand_features)
-  ca = ranks.ca_rank_bounds(cand_boxes, query_features)
+  if clean_boxes is not None:
+    validate.check_shape(clean_boxes[0].lower, np.shape(query_features), "clean_boxes[0]")
+    validate.check_shape(clean_boxes[1].lower, np.shape(cand_features), "clean_boxes[1]")
+  q_pts, c_pts = clean_boxes if clean_boxes is not None else (query_features, cand_features)
+  qa = ranks.qa_rank_bounds(query_boxes, c_pts, fp_sound=fp_sound)
+  ca = ranks.ca_rank_bounds(cand_boxes, q_pts, fp_sound=fp_sound)
   out = {"recall": metrics.recall_at_k(clean_rank, query_labels, cand_labels, ks)}
   for name, b in (("qa", qa), ("ca", ca)):
     out[f"cr_recall_{name}"] = metrics.cr_recall_at_k(b, clean_rank, query_labels,
@@ -68,6 +98,26 @@ def _certify(query_features, query_boxes, query_labels, cand_features, cand_boxe
     out[f"cr_recall_{name}_one_sided"] = metrics.cr_recall_at_k(
         b, clean_rank, query_labels, cand_labels, ks, one_sided=True)
   return out, qa, ca, clean_rank
+
+
+def fp_sound_cost(sound: dict, plain: dict, clean_rank, query_labels, cand_labels,
+                  ks: Sequence[int]) -> dict:
+  """Certified (query, K) claims (Eq. 25, two-sided) that the fp-sound widening costs.
+
+  sound, plain: ``{"qa": RankBounds, "ca": RankBounds}`` from fp-sound and from
+  unwidened boxes. Returns ``{"qa": {"K": {"plain": n, "sound": n, "lost": n}}, "ca": ...}``
+  with counts of queries: certified by the plain bounds, by the sound ones, and
+  certified by the plain bounds but not by the sound ones.
+  """
+  out = {}
+  for kind in ("qa", "ca"):
+    out[kind] = {}
+    for k in ks:
+      s = metrics.certified_queries(sound[kind], clean_rank, query_labels, cand_labels, k)
+      p = metrics.certified_queries(plain[kind], clean_rank, query_labels, cand_labels, k)
+      out[kind][str(k)] = {"plain": int(p.sum()), "sound": int(s.sum()),
+                           "lost": int((p & ~s).sum())}
+  return out
 
 
 def _attack(apply, params, qx, ql, qf, cx, cl, cf, eps, ks, c, log, seconds) -> dict:
@@ -130,19 +180,40 @@ def certify(config: ml_collections.ConfigDict, workdir: str, *,
   for key in ("attack_steps", "ca_sources", "batch_size", "attack_restarts", "audit_pool"):
     if int(c[key]) < 1:
       raise ValueError(f"config.certify.{key} must be >= 1, got {c[key]!r}")
+  if c.bound_method not in linear_bounds.METHODS:
+    raise ValueError(f"config.certify.bound_method must be one of {linear_bounds.METHODS}, "
+                     f"got {c.bound_method!r}")
+  fp = bool(c.fp_sound)
+  if fp and c.bound_method != "ibp":
+    raise ValueError(f"config.certify.bound_method={c.bound_method!r} needs "
+                     "config.certify.fp_sound=False: the float-rounding widening covers IBP "
+                     "only, linear bounds are sound in exact arithmetic (docs/LINEAR_BOUNDS.md)")
   apply, params, step, (q_idx, qx, ql), (c_idx, cx, cl) = load_model_and_split(
       config, workdir)
 
+  boxes = functools.partial(feature_boxes, apply, params, batch_size=c.batch_size)
   t0 = time.perf_counter()
   qf = embed(apply, params, qx, batch_size=c.batch_size)
   cf = embed(apply, params, cx, batch_size=c.batch_size)
-  qb = feature_boxes(apply, params, qx, eps, batch_size=c.batch_size)
-  cb = feature_boxes(apply, params, cx, eps, batch_size=c.batch_size)
+  qb = boxes(qx, eps, fp_sound=fp, method=c.bound_method)
+  cb = boxes(cx, eps, fp_sound=fp, method=c.bound_method)
+  # fp-sound: the clean features enter the distance bounds as eps = 0 boxes, which
+  # contain the exact f(x) and every IEEE float32 evaluation of it.
+  clean = (boxes(qx, 0.0, fp_sound=True), boxes(cx, 0.0, fp_sound=True)) if fp else None
   t1 = time.perf_counter()
-  res, qa_bounds, ca_bounds, clean_rank = _certify(qf, qb, ql, cf, cb, cl, ks)
+  res, qa_bounds, ca_bounds, clean_rank = _certify(qf, qb, ql, cf, cb, cl, ks, fp_sound=fp,
+                                                   clean_boxes=clean)
   t2 = time.perf_counter()
-  log(f"features and IBP boxes: {t1 - t0:.1f}s; rank bounds and metrics: {t2 - t1:.1f}s")
+  log(f"features and {c.bound_method} boxes: {t1 - t0:.1f}s; rank bounds and metrics: "
+      f"{t2 - t1:.1f}s")
   seconds = {"features_and_boxes": t1 - t0, "certify": t2 - t1}
+  fp_cost = None
+  if fp:
+    _, plain_qa, plain_ca, _ = _certify(qf, boxes(qx, eps), ql, cf, boxes(cx, eps), cl, ks)
+    fp_cost = fp_sound_cost({"qa": qa_bounds, "ca": ca_bounds},
+                            {"qa": plain_qa, "ca": plain_ca}, clean_rank, ql, cl, ks)
+    seconds["fp_sound_cost"] = time.perf_counter() - t2
+    log(report.fp_sound_line(fp_cost, ks))
   attack_info = None
   if c.attack:
     attack_info = {"steps": c.attack_steps, "ca_sources": c.ca_sources,
@@ -185,10 +256,13 @@ def certify(config: ml_collections.ConfigDict, workdir: str, *,
       "mean_box_width": {"query": float(np.mean(qb.upper - qb.lower)),
                          "candidate": float(np.mean(cb.upper - cb.lower))},
       "seconds": seconds,
+      "fp_sound": fp,
+      "bound_method": c.bound_method,
+      "fp_sound_cost": fp_cost,
       "attack": attack_info,
       "metrics": {k: {str(kk): v for kk, v in d.items()} for k, d in res.items()},
       "config": config.to_dict(),
-      "versions": {"jax": jax.__version__, "devices": [str(d) for d in jax.devices()]},
+      **report.results_metadata(config),   # "run_info" and "versions"
   }
   out = output_dir or f"{workdir}/certify"
   report.write_report(out, results)

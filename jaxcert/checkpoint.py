@@ -352,7 +352,7 @@ class Checkpointer:
     except KeyError as e:
       raise corrupt(KeyError(f"leaf {_fmt_path(e.args[0])} missing after restore")) from e
     leaves = [x if isinstance(x, jax.Array) else jax.device_put(np.asarray(x), a.sharding)
-              for x, a in zip(leaves, abstract_flat.values())]
+              for x, a in zip(leaves, abstract_flat.values(), strict=True)]
     return jax.tree_util.tree_unflatten(target_treedef, leaves)
 
   @staticmethod

@@ -53,6 +53,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.act_step_size = config_dict.placeholder(float)  # None: 2.5 * eps / act_steps
   c.train.init_from = config_dict.placeholder(str)  # FCTB: workdir of the model f0
   c.train.cibp_elision = True            # C-IBP: fold the margin into the head
+  c.train.bound_method = "ibp"           # tbt/fctb/cibp boxes: ibp | crown_ibp (Zhang 2020)
+  c.train.crown_beta = 1.0               # crown_ibp: weight of CROWN-IBP at ramp_start
+  c.train.crown_beta_end = 1.0           # ... at ramp_end (Zhang et al.: 1 -> 0)
+  c.train.crown_depth = config_dict.placeholder(int)  # crown_ibp: layers back-substituted
   c.train.gamma = 0.2                    # dml/gdml: margin of the margin loss
   c.train.beta_init = 1.2                # dml/gdml: initial boundary beta
   c.train.beta_lr = 5e-4                 # dml/gdml: Adam learning rate of beta
@@ -75,8 +79,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.certify.attack_restarts = 1          # PGD runs per attack; >1 adds random starts
   c.certify.audit = True                 # attack every certified claim (needs attack)
   c.certify.audit_pool = 50              # CA audit: competitors attacked per query
+  c.certify.fp_sound = True              # IBP/distance bounds widened for float rounding
 
   c.certify.method = "ibp"               # ibp (l_inf, CBIR) | smoothing (l_2, RetrievalGuard)
+  c.certify.bound_method = "ibp"         # l_inf feature boxes: ibp | crown_ibp | crown
+  #   (linear_bounds.py; crown_* need fp_sound=False: sound in exact arithmetic only)
 
   c.smoothing = ml_collections.ConfigDict()  # certify.method = "smoothing"
   c.smoothing.sigma = 0.25               # noise std of the smoothed model
@@ -91,6 +98,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.smoothing.max_positives = 32         # same-class gallery items tried per query
   c.smoothing.empirical_bernstein = True  # fixed gallery: also per-direction bounds
   c.smoothing.num_radii = 61             # points of the certified-recall curve
+
+  c.parallel = ml_collections.ConfigDict()  # several devices / processes (MULTIDEVICE.md)
+  c.parallel.num_devices = config_dict.placeholder(int)  # training: None = every device
+  c.parallel.distributed = False         # call jax.distributed.initialize (multi-host)
+  c.parallel.coordinator_address = config_dict.placeholder(str)  # "host:port" of process 0
+  c.parallel.num_processes = config_dict.placeholder(int)  # None: detected (Slurm, MPI, TPU)
+  c.parallel.process_id = config_dict.placeholder(int)     # None: detected
 
   c.lock()
   return c

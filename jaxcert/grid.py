@@ -1,5 +1,6 @@
-"""The CBIR paper's experiment grid as configs: ``cbir_config("DATASET,ARCH,METHOD[,EPS][,BUDGET]")``,
-what ``--config=configs/cbir.py:DATASET,ARCH,METHOD[,EPS][,BUDGET]`` loads.
+"""The CBIR paper's experiment grid as configs:
+``cbir_config("DATASET,ARCH,METHOD[,EPS][,BUDGET]")``, what
+``--config=configs/cbir.py:DATASET,ARCH,METHOD[,EPS][,BUDGET]`` loads.
 
 - DATASET: mnist | fashion_mnist | cifar10
 - ARCH: small | large

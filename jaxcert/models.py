@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxcert import validate
+from jaxcert import parallel, validate
 
 ARCHS = ("small", "large", "resnet18", "resnet50")
 
@@ -86,7 +86,7 @@ class LargeCNN(nnx.Module):
     strides = (1, 1, 2, 1, 1)
     convs = []
     prev = c
-    for ch, s in zip(chans, strides):
+    for ch, s in zip(chans, strides, strict=True):
       convs.append(nnx.Conv(prev, ch, (3, 3), strides=s, padding=((1, 1), (1, 1)),
                             rngs=rngs))
       prev = ch
@@ -149,9 +149,26 @@ def apply_fn(graphdef: nnx.GraphDef) -> Callable[[dict, jax.Array], jax.Array]:
   return apply
 
 
-def map_batches(fn, images: np.ndarray, batch_size: int):
+def map_batches(fn, images: np.ndarray, batch_size: int, *,
+                mesh: jax.sharding.Mesh | None = None):
   """Applies jitted ``fn`` to ``images`` in fixed-size batches (last one padded), so
-  one compiled shape serves every batch. Returns numpy arrays (any pytree)."""
+  one compiled shape serves every batch. Returns numpy arrays (any pytree).
+
+  ``fn`` maps each row on its own (outputs [batch, ...], row i from input row i).
+  On a ``mesh`` of several devices (default :func:`jaxcert.parallel.current_mesh`:
+  this process's devices) each batch is split over the ``data`` axis (its size
+  rounded up to a multiple of the device count) and the jitted ``fn`` runs
+  partitioned by rows; arrays ``fn`` takes besides the batch (parameters) must be
+  uncommitted or live on the mesh's devices.
+  """
+  mesh = parallel.current_mesh() if mesh is None else mesh
+  devices = mesh.shape[parallel.DATA]
+  batch_size = -(-int(batch_size) // devices) * devices
+  if devices > 1:
+    rows = parallel.process_rows(mesh, batch_size)
+    put = lambda x: parallel.shard_batch(x[rows], mesh, global_size=batch_size)
+  else:
+    put = jnp.asarray
   n = len(images)
   outs = []
   for i in range(0, n, batch_size):
@@ -159,18 +176,22 @@ def map_batches(fn, images: np.ndarray, batch_size: int):
     pad = batch_size - len(chunk)
     if pad:
       chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
-    out = fn(jnp.asarray(chunk))
-    outs.append(jax.tree.map(lambda a: np.asarray(a)[:batch_size - pad], out))
-  return jax.tree.map(lambda *a: np.concatenate(a), *outs)
+    outs.append(parallel.to_host(fn(put(chunk))))
+  return jax.tree.map(lambda *a: np.concatenate(a)[:n], *outs)   # drops the padding
 
 
-def embed(apply, params, images: np.ndarray, *, batch_size: int = 256) -> np.ndarray:
+def embed(apply, params, images: np.ndarray, *, batch_size: int = 256,
+          mesh: jax.sharding.Mesh | None = None) -> np.ndarray:
   """Clean features f(x): images float [N, H, W, C] in [0, 1] -> [N, d].
 
   Runs matrix products at full float32 precision (no TF32/bf16 passes), the
-  precision the certificates are stated for.
+  precision the certificates are stated for. Batches are split over the devices of
+  ``mesh`` (:func:`map_batches`); ``params`` are replicated onto them.
   """
   validate.check_images(images)
+  mesh = parallel.current_mesh() if mesh is None else mesh
+  if mesh.size > 1:
+    params = parallel.replicate(params, mesh)
   with jax.default_matmul_precision("highest"):
     fn = jax.jit(apply)
-    return map_batches(lambda x: fn(params, x), images, batch_size)
+    return map_batches(lambda x: fn(params, x), images, batch_size, mesh=mesh)

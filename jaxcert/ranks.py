@@ -50,43 +50,50 @@ def rank_bounds(dist_upper: jax.Array, dist_lower: jax.Array) -> RankBounds:
   """
   n = dist_upper.shape[-1]
 
-  def per_query(u, l):
-    l_sorted = jnp.sort(l)
-    u_sorted = jnp.sort(u)
-    # #{c : u[j] < l[c]} = N - #{c : l[c] <= u[j]}
-    farther = n - jnp.searchsorted(l_sorted, u, side="right")
-    # #{c : u[c] < l[j]}
-    closer = jnp.searchsorted(u_sorted, l, side="left")
+  def per_query(up, lo):
+    lo_sorted = jnp.sort(lo)
+    up_sorted = jnp.sort(up)
+    # #{c : up[j] < lo[c]} = N - #{c : lo[c] <= up[j]}
+    farther = n - jnp.searchsorted(lo_sorted, up, side="right")
+    # #{c : up[c] < lo[j]}
+    closer = jnp.searchsorted(up_sorted, lo, side="left")
     return RankBounds(lower=(closer + 1).astype(jnp.int32),
                       upper=(n - farther).astype(jnp.int32))
 
   return jax.vmap(per_query)(dist_upper, dist_lower)
 
 
-def qa_rank_bounds(query_box: Interval, cand_features: jax.Array, *,
-                   chunk_size: int = 16) -> RankBounds:
+def qa_rank_bounds(query_box: Interval, cand_features: jax.Array | Interval, *,
+                   chunk_size: int = 16, fp_sound: bool = False) -> RankBounds:
   """Thm 1: ranks under a query attack.
 
   query_box: Interval [Q, d] containing f(q + delta) for every admissible delta;
-  cand_features: [N, d] clean candidate features. Returns RankBounds [Q, N].
+  cand_features: [N, d] clean candidate features (or an Interval [N, d] of boxes
+  around them). ``fp_sound``: float-sound distance bounds (:mod:`jaxcert.distance`).
+  Returns RankBounds [Q, N].
   """
-  validate.check_same_dim(query_box.lower, cand_features, "query_box", "cand_features")
+  validate.check_same_dim(query_box.lower, _lo(cand_features), "query_box", "cand_features")
   upper, lower = distance.pairwise_distance_bounds(query_box, cand_features,
-                                                   chunk_size=chunk_size)
+                                                   chunk_size=chunk_size, fp_sound=fp_sound)
   return rank_bounds(upper, lower)
 
 
-def ca_rank_bounds(cand_box: Interval, query_features: jax.Array, *,
-                   chunk_size: int = 16) -> RankBounds:
+def ca_rank_bounds(cand_box: Interval, query_features: jax.Array | Interval, *,
+                   chunk_size: int = 16, fp_sound: bool = False) -> RankBounds:
   """Thm 2 (corrected term ``dlow_q(c)``): ranks under a candidate attack.
 
   cand_box: Interval [N, d] containing f(c + delta_c) for each candidate;
-  query_features: [Q, d] clean query features. Returns RankBounds [Q, N].
+  query_features: [Q, d] clean query features (or an Interval [Q, d] of boxes around
+  them). ``fp_sound`` as in ``qa_rank_bounds``. Returns RankBounds [Q, N].
   """
-  validate.check_same_dim(cand_box.lower, query_features, "cand_box", "query_features")
+  validate.check_same_dim(cand_box.lower, _lo(query_features), "cand_box", "query_features")
   upper, lower = distance.pairwise_distance_bounds(cand_box, query_features,
-                                                   chunk_size=chunk_size)
+                                                   chunk_size=chunk_size, fp_sound=fp_sound)
   return rank_bounds(upper.T, lower.T)
+
+
+def _lo(x):
+  return x.lower if isinstance(x, Interval) else x
 
 
 @jax.jit

@@ -7,10 +7,18 @@ so a failed run leaves either the previous results or nothing.
 
 from __future__ import annotations
 
+import datetime
+import importlib
+import importlib.metadata
 import json
 import os
+import platform
 import shutil
+import socket
+import subprocess
+import sys
 import tempfile
+from typing import Any
 
 import matplotlib
 
@@ -64,7 +72,19 @@ def markdown_table(results: dict) -> str:
       if audit:
         lines += [f"{kind.upper()} certificate audit: {audit['broken']} of "
                   f"{audit['claims']} certified claims broken by PGD (must be 0)."]
+  if results.get("fp_sound_cost"):
+    lines += ["", fp_sound_line(results["fp_sound_cost"], ks)]
   return "\n".join(lines)
+
+
+def fp_sound_line(cost: dict, ks) -> str:
+  """One line: queries certified (Eq. 25) with unwidened boxes that the fp-sound
+  bounds do not certify, per K, for QA and CA (``certification.fp_sound_cost``)."""
+  parts = [f"{kind.upper()} " + "/".join(str(cost[kind][str(k)]["lost"]) for k in ks)
+           + " (of " + "/".join(str(cost[kind][str(k)]["plain"]) for k in ks) + ")"
+           for kind in ("qa", "ca")]
+  return (f"Float-sound bounds: certified queries lost to the rounding widening at K = "
+          f"{'/'.join(str(k) for k in ks)}: " + ", ".join(parts) + ".")
 
 
 def plot(results: dict, path: str) -> None:
@@ -130,12 +150,21 @@ def write_dir_atomic(out_dir: str, writers: dict) -> None:
     raise
 
 
+_UMASK = os.umask(0o022)   # read once at import (os.umask can only be read by setting it)
+os.umask(_UMASK)
+
+
 def atomic_write_text(path: str, text: str) -> None:
-  """Writes ``text`` to ``path`` via a temporary file in the same directory + rename."""
+  """Writes ``text`` to ``path`` via a temporary file in the same directory + rename.
+
+  The file gets the permissions an ``open(path, "w")`` would give it (mkstemp's
+  are 0600).
+  """
   parent = os.path.dirname(path) or "."
   os.makedirs(parent, exist_ok=True)
   fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".tmp-", dir=parent)
   try:
+    os.chmod(tmp, 0o666 & ~_UMASK)
     with os.fdopen(fd, "w") as f:
       f.write(text)
     os.replace(tmp, path)
@@ -143,3 +172,122 @@ def atomic_write_text(path: str, text: str) -> None:
     if os.path.exists(tmp):
       os.remove(tmp)
     raise
+
+
+# ---------------------------------------------------------------- run metadata
+
+# distribution name -> module whose __version__ is read first
+_PACKAGES = {"jax": "jax", "jaxlib": "jaxlib", "flax": "flax", "optax": "optax",
+             "orbax-checkpoint": "orbax.checkpoint", "numpy": "numpy"}
+
+
+def _version(package: str) -> str | None:
+  try:
+    version = getattr(importlib.import_module(_PACKAGES[package]), "__version__", None)
+  except ImportError:
+    version = None
+  if version is None:
+    try:
+      version = importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+      pass
+  return None if version is None else str(version)
+
+
+def git_commit(path: str | None = None) -> dict | None:
+  """``{"commit", "dirty"}`` of the git checkout whose top level is ``path`` (default:
+  the directory holding the ``jaxcert`` package), or None when git is missing, times
+  out, or ``path`` is not the top of a checkout (e.g. jaxcert installed elsewhere)."""
+  root = os.path.abspath(path or os.path.dirname(os.path.dirname(__file__)))
+
+  def git(*args: str) -> str:
+    return subprocess.run(("git", "-C", root) + args, capture_output=True, text=True,
+                          timeout=10, check=True).stdout.strip()
+
+  try:
+    if os.path.realpath(git("rev-parse", "--show-toplevel")) != os.path.realpath(root):
+      return None
+    commit = git("rev-parse", "HEAD")
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+  except (OSError, subprocess.SubprocessError):
+    return None
+  return {"commit": commit, "dirty": dirty}
+
+
+def run_info(config: Any = None) -> dict:
+  """What a result needs to be reproduced: the resolved config, seed, library
+  versions, devices, processes, git commit, host and UTC time (JSON-serialisable).
+
+  ``config`` is an ``ml_collections.ConfigDict`` (or a plain dict, or None).
+  ``versions`` holds jax, jaxlib, flax, optax, orbax-checkpoint, numpy (installed
+  distribution versions; None when one is missing) and python.
+  """
+  import jax  # noqa: PLC0415  (report stays importable without initialising jax)
+
+  if config is None:
+    cfg = None
+  elif hasattr(config, "to_json"):
+    cfg = json.loads(config.to_json())
+  elif isinstance(config, dict):
+    cfg = json.loads(json.dumps(config))
+  else:
+    raise TypeError(f"config must be an ml_collections.ConfigDict, a dict or None, got "
+                    f"{type(config).__name__}")
+  devices = jax.devices()
+  versions = {p: _version(p) for p in _PACKAGES}
+  versions["python"] = platform.python_version()
+  return {
+      "config": cfg,
+      "seed": None if cfg is None else cfg.get("seed"),
+      "versions": versions,
+      "platform": platform.platform(),
+      "backend": jax.default_backend(),
+      "devices": [str(d) for d in devices],
+      "device_kinds": sorted({d.device_kind for d in devices}),
+      "device_count": jax.device_count(),
+      "local_device_count": jax.local_device_count(),
+      "process_count": jax.process_count(),
+      "process_index": jax.process_index(),
+      "git": git_commit(),
+      "hostname": socket.gethostname(),
+      "argv": list(sys.argv),
+      "time_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(
+          timespec="seconds"),
+  }
+
+
+def results_metadata(config: Any = None) -> dict:
+  """``{"run_info": run_info(config), "versions": ...}`` for a results dict.
+
+  ``versions`` keeps the keys results files always had (``jax``, ``devices``) and
+  adds the other library versions.
+  """
+  info = run_info(config)
+  return {"run_info": info,
+          "versions": {**info["versions"], "devices": info["devices"]}}
+
+
+RUN_INFO_NAME = "run_info.json"
+
+
+def append_run_info(workdir: str, config: Any = None, **extra) -> dict:
+  """Appends ``run_info(config)`` plus ``extra`` to the JSON list in
+  ``workdir/run_info.json`` (one entry per launch of a run: the first describes the
+  fresh start, later ones each resume) and rewrites the file atomically.
+
+  Raises ValueError naming the file if it exists but is not such a list.
+  """
+  path = os.path.join(workdir, RUN_INFO_NAME)
+  entries: Any = []
+  if os.path.exists(path):
+    try:
+      with open(path) as f:
+        entries = json.load(f)
+    except ValueError:
+      entries = None
+    if not isinstance(entries, list):
+      raise ValueError(f"{path} must hold a JSON list of run records (one per launch), "
+                       "it does not; move it away to start a new one")
+  entry = {**run_info(config), **extra}
+  atomic_write_text(path, json.dumps(entries + [entry], indent=2) + "\n")
+  return entry

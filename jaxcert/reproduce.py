@@ -230,7 +230,7 @@ def _plot(path, curves: dict, ks, title: str, theirs: dict) -> None:
   metrics = ("recall",) + ER_CR
   names = ("Recall",) + ER_CR_NAMES
   fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.2), sharey=True)
-  for ax, metric, name in zip(axes, metrics, names):
+  for ax, metric, name in zip(axes, metrics, names, strict=True):
     for m, res in curves.items():
       color = f"C{ORDER.index(m)}"
       own_ks = res["ks"]
@@ -253,3 +253,8 @@ def _plot(path, curves: dict, ks, title: str, theirs: dict) -> None:
   fig.savefig(tmp, dpi=110)
   plt.close(fig)
   os.replace(tmp, path)
+
+
+if __name__ == "__main__":   # python -m jaxcert.reproduce: the jaxcert-reproduce program
+  from jaxcert import cli
+  cli.reproduce_main()

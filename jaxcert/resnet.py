@@ -240,7 +240,7 @@ class ResNet(nnx.Module):
     kind, counts = _STAGES[self.depth]
     block_cls = BasicBlock if kind == "basic" else Bottleneck
     in_ch = 64
-    for i, (width, n) in enumerate(zip(_WIDTHS, counts)):
+    for i, (width, n) in enumerate(zip(_WIDTHS, counts, strict=True)):
       blocks = []
       for j in range(n):
         stride = 2 if (i > 0 and j == 0) else 1

@@ -334,7 +334,7 @@ def _fill_images(out: np.ndarray, dest: np.ndarray, ds, keys: np.ndarray,
   for start in range(0, keys.size, _IMAGE_CHUNK):
     chunk = keys[start:start + _IMAGE_CHUNK]
     exs = data._getitems(ds, [int(k) for k in chunk])
-    for d, k, ex in zip(dest[start:start + _IMAGE_CHUNK], chunk, exs):
+    for d, k, ex in zip(dest[start:start + _IMAGE_CHUNK], chunk, exs, strict=True):
       if raw:
         out[d] = _decode_bytes(_parse_image(ex, spec.image_key, what),
                                image_size, f"{what} record {k}")

@@ -190,7 +190,7 @@ def _certify_and_report(config, arrays: dict, meta: dict, t_q: float, t_g: float
       "seconds": seconds,
       "samples_per_second": meta["samples_per_second"],
       "config": config.to_dict(),
-      "versions": {"jax": jax.__version__, "devices": [str(d) for d in jax.devices()]},
+      **report.results_metadata(config),   # "run_info" and "versions"
   }
   write_report(out, results, arrays)
   log(markdown_table(results))

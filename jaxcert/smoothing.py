@@ -52,9 +52,11 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 from scipy import special
 
-from jaxcert import validate
+from jaxcert import parallel, validate
 
 __all__ = [
     "CERTIFICATES", "certified_recall_curve", "certify_smoothed", "halfspace_radii",
@@ -98,32 +100,55 @@ def _check_rho(rho, name: str = "rho") -> float:
   return float(rho)
 
 
-@functools.lru_cache(maxsize=16)   # one compiled function per (model, sigma, F, mode)
-def _sum_fn(apply, sigma: float, bound: float, covariance: bool = False):
+@functools.lru_cache(maxsize=16)
+def _sample_mesh(devices: tuple, image_shards: int) -> jax.sharding.Mesh:
+  """The (images, samples) mesh of ``devices``, ``image_shards`` x the rest."""
+  return jax.make_mesh((image_shards, len(devices) // image_shards), ("images", "samples"),
+                       axis_types=(AxisType.Auto,) * 2, devices=devices)
+
+
+@functools.lru_cache(maxsize=16)   # one compiled function per (model, sigma, F, mode, mesh)
+def _sum_fn(apply, sigma: float, bound: float, covariance: bool,
+            mesh: jax.sharding.Mesh):
   """Jitted sum of projected f(x + sigma * noise) over one chunk of samples (with
   ``covariance``: also the sums of ``f - f(x)`` and of its outer products).
 
   Sample ``s`` of an image keyed ``k`` uses ``normal(fold_in(k, s))``: the noise
-  of a sample depends only on (image key, sample index), not on the chunking.
+  of a sample depends only on (image key, sample index), not on the chunking or on
+  the devices. On the (images, samples) ``mesh`` (:func:`_sample_mesh`) each device
+  takes its share of the q images and an equal slice of the chunk's sample indices, and ``psum`` adds the partial sums over ``samples`` (a
+  different summation order of the same float32 terms, so the chunk-size rounding
+  slack of the module doc still covers it).
   """
+  sample_shards = mesh.shape["samples"]
 
-  def chunk_sum(params, x, keys, start, n, chunk):
-    idx = start + jnp.arange(chunk)
+  def device_sum(params, x, keys, start, stop, *, per):
+    idx = start + jax.lax.axis_index("samples") * per + jnp.arange(per)
 
     def noise(k):
       return jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(k, i), x.shape[1:],
                                                   x.dtype))(idx)
 
-    z = x[:, None] + sigma * jax.vmap(noise)(keys)            # [q, chunk, H, W, C]
+    z = x[:, None] + sigma * jax.vmap(noise)(keys)            # [q, per, H, W, C]
     f = apply(params, z.reshape((-1,) + x.shape[1:]))
-    f = project_to_ball(f, bound).reshape(x.shape[0], chunk, -1)
-    keep = (idx < n)[None, :, None]
-    total = jnp.sum(jnp.where(keep, f, 0.0), axis=1)
+    f = project_to_ball(f, bound).reshape(x.shape[0], per, -1)
+    keep = (idx < stop)[None, :, None]
+    add = lambda v: jax.lax.psum(v, "samples")
+    total = add(jnp.sum(jnp.where(keep, f, 0.0), axis=1))
     if not covariance:
       return total
     ref = project_to_ball(apply(params, x), bound)                     # [q, d]
     fc = jnp.where(keep, f - ref[:, None], 0.0)
-    return total, jnp.sum(fc, axis=1), jnp.einsum("qcd,qce->qde", fc, fc)
+    return total, add(jnp.sum(fc, axis=1)), add(jnp.einsum("qcd,qce->qde", fc, fc))
+
+  def chunk_sum(params, x, keys, start, stop, chunk):
+    """Sums over samples ``start .. min(start + chunk, stop) - 1`` of each image."""
+    spec = P("images")
+    return jax.shard_map(
+        functools.partial(device_sum, per=-(-chunk // sample_shards)), mesh=mesh,
+        in_specs=(P(), spec, spec, P(), P()),
+        out_specs=(spec, spec, spec) if covariance else spec)(
+            params, x, keys, start, jnp.minimum(stop, start + chunk))
 
   return jax.jit(chunk_sum, static_argnames=("chunk",))
 
@@ -132,7 +157,8 @@ def smoothed_embed(apply: Callable, params, images: np.ndarray, *, sigma: float,
                    num_samples: int, key: jax.Array, norm_bound: float = 1.0,
                    chunk_size: int = 1000, batch_images: int = 1,
                    log: Callable[[str], None] | None = None,
-                   log_every: float = 30.0, covariance: bool = False):
+                   log_every: float = 30.0, covariance: bool = False,
+                   mesh: jax.sharding.Mesh | None = None):
   """Monte-Carlo smoothed embeddings g_hat(x) = (1/n) sum_i f(x + delta_i).
 
   images: float [N, H, W, C] in [0, 1]. Image ``i`` uses the key
@@ -144,6 +170,12 @@ def smoothed_embed(apply: Callable, params, images: np.ndarray, *, sigma: float,
   ``covariance=True`` also the unbiased sample covariance of the samples, float64
   [N, d, d] (accumulated around the clean f(x) to limit cancellation), which
   :func:`halfspace_radii` turns into per-direction empirical-Bernstein bounds.
+
+  Several devices (``mesh``, default :func:`jaxcert.parallel.current_mesh`): the
+  ``batch_images`` images of a step and each chunk's samples are split over the
+  devices (images over the largest count that divides ``batch_images``, samples over
+  the rest) in ``jax.shard_map``; partial sums meet in a ``psum``. The noise of every
+  sample is the same on any number of devices.
   """
   validate.check_images(images)
   sigma = _check_positive(sigma, "sigma")
@@ -153,7 +185,11 @@ def smoothed_embed(apply: Callable, params, images: np.ndarray, *, sigma: float,
   q = _check_positive(batch_images, "batch_images", integer=True)
   if n < 2 and covariance:
     raise ValueError(f"covariance needs num_samples >= 2, got num_samples={n}")
-  fn = _sum_fn(apply, sigma, bound, covariance)
+  mesh = parallel.current_mesh() if mesh is None else mesh
+  devices = tuple(mesh.devices.flat)
+  mesh = _sample_mesh(devices, math.gcd(q, len(devices)))
+  fn = _sum_fn(apply, sigma, bound, bool(covariance), mesh)
+  params = jax.device_put(params, NamedSharding(mesh, P()))   # replicated
   num = len(images)
   out = cov = None
   t0 = last = time.perf_counter()

@@ -40,6 +40,7 @@ uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -52,11 +53,22 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
+from jaxcert import (
+  attacks,
+  linear_bounds,
+  losses,
+  metric_writer,
+  models,
+  parallel,
+  report,
+  validate,
+)
 from jaxcert import checkpoint as ckpt_lib
 from jaxcert import data as data_lib
-from jaxcert import attacks, losses, models, validate
-from jaxcert.interval import ibp, input_box
+from jaxcert.interval import Interval, ibp, input_box
 
 METHODS = ("triplet", "act", "cibp", "tbt", "fctb", "dml", "gdml")
 MARGIN_METHODS = ("dml", "gdml")
@@ -232,9 +244,20 @@ def init_state(config: ml_collections.ConfigDict, params: dict,
   return state
 
 
+def _global_norm(tree) -> jax.Array:
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
+
+
 def make_train_step(apply, optimizer: optax.GradientTransformation, method: str,
-                    cfg: ml_collections.ConfigDict, seed: int = 0):
-  """Jitted ``step(state, batch, eps, kappa) -> (state, metrics)``.
+                    cfg: ml_collections.ConfigDict, seed: int = 0, *,
+                    mesh: jax.sharding.Mesh | None = None):
+  """Jitted ``step(state, batch, eps, kappa) -> (state, metrics)``, data-parallel.
+
+  ``metrics`` (scalars, not differentiated): ``loss``, the method's loss terms
+  (triplet: ``triplet``; act: ``triplet``, ``collapse``; tbt: ``triplet``, ``reg``;
+  fctb: ``keep``, ``reg``; cibp: ``ce_clean``, ``ce_robust``; dml/gdml: ``d_ap``,
+  ``d_an``, ``beta``), ``box_width`` (tbt, fctb, cibp: mean width of the IBP feature
+  box at ``eps``) and ``grad_norm`` (global l_2 norm of the gradient).
 
   ``batch`` by method (images float32 in [0, 1]):
   triplet/act/tbt: ``{"images": [3, B, H, W, C]}`` (anchor, positive, negative);
@@ -243,12 +266,25 @@ def make_train_step(apply, optimizer: optax.GradientTransformation, method: str,
   dml/gdml: ``{"images": [B, H, W, C], "labels": [B]}`` (class-balanced).
   ``cfg`` is ``config.train``. ACT's random PGD start, the distance-weighted
   negatives and GDML's noise are keyed by (seed, step).
+
+  Several devices (``mesh``, default :func:`jaxcert.parallel.current_mesh`): the B
+  examples are split over the mesh axis ``data`` (B must be divisible by the device
+  count), ``state`` is replicated; inside ``jax.shard_map`` each device computes the
+  gradient of its examples' mean loss and ``pmean`` averages them, so every device
+  applies the same update. GDML's noise and ACT's random starts are drawn for the
+  whole batch before the split (threefry is partitionable: each device draws its own
+  rows, with the values one device would draw), and the margin loss (dml/gdml) sees
+  the features of the whole batch (``all_gather``): the step computes the same
+  function on any number of devices, up to float summation order.
   """
   if method not in METHODS:
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
   margin = cfg.margin
+  mesh = parallel.current_mesh() if mesh is None else mesh
+  devices = mesh.shape[parallel.DATA]
+  image_axis = 1 if method in ("triplet", "act", "tbt", "fctb") else 0
 
-  def act_images(params, images, eps, step):
+  def act_images(params, images, eps, start):
     steps = int(cfg.act_steps)
     size = cfg.act_step_size if cfg.act_step_size is not None else 2.5 * eps / steps
 
@@ -257,57 +293,107 @@ def make_train_step(apply, optimizer: optax.GradientTransformation, method: str,
       return losses.collapse_distance(f[:, 0], f[:, 1])
 
     pn = jnp.stack([images[1], images[2]], axis=1)
-    key = jax.random.fold_in(jax.random.key(seed), step)
-    adv = attacks.pgd(collapse, pn, eps, steps=steps, step_size=size, key=key,
-                      random_start=True)
+    adv = attacks.pgd(collapse, pn, eps, steps=steps, step_size=size, start=start)
     adv = jax.lax.stop_gradient(adv)
     return jnp.stack([images[0], adv[:, 0], adv[:, 1]])
 
   def loss_fn(trainable, batch, eps, kappa):
     params = trainable["params"]
     images = batch["images"]
-    box_of = lambda x: ibp(lambda z: apply(params, z))(input_box(x, eps))
+    box_of = lambda x: _training_box(lambda z: apply(params, z), x, eps, batch["step"])
     if method == "cibp":
       feats = apply(params, images)
       head = trainable["head"]
-      loss, aux = losses.cibp_loss(feats, box_of(images), head["w"], head["b"],
+      box = box_of(images)
+      loss, aux = losses.cibp_loss(feats, box, head["w"], head["b"],
                                    batch["labels"], kappa, elision=cfg.cibp_elision)
-      return jnp.mean(loss), aux
-    if method in MARGIN_METHODS:
+      return jnp.mean(loss), {**aux, "box_width": jnp.mean(box.upper - box.lower)}
+    if method in MARGIN_METHODS:   # gdml: images arrive noised (see step)
       key = jax.random.fold_in(jax.random.key(seed), batch["step"])
-      if method == "gdml":
-        noise = jax.random.normal(jax.random.fold_in(key, 1), images.shape, images.dtype)
-        images = images + cfg.noise_sigma * noise
-      feats = apply(params, images)
-      return losses.margin_loss_batch(jax.random.fold_in(key, 2), feats, batch["labels"],
-                                      trainable["beta"], cfg.gamma)
+      # the loss pairs examples across the whole batch: every device evaluates it on
+      # the gathered features (the gradient reaches each device's own rows)
+      gather = lambda v: (v if devices == 1 else
+                          jax.lax.all_gather(v, parallel.DATA, axis=0, tiled=True))
+      feats = gather(apply(params, images))
+      return losses.margin_loss_batch(jax.random.fold_in(key, 2), feats,
+                                      gather(batch["labels"]), trainable["beta"],
+                                      cfg.gamma)
     if method == "fctb":
       b = images.shape[1]
       feats = apply(params, images.reshape((-1,) + images.shape[2:]))
-      loss, aux = losses.fctb_loss(feats[:b], batch["ref"], feats[b:], box_of(images[0]),
-                                   kappa)
-      return jnp.mean(loss), aux
+      box = box_of(images[0])
+      loss, aux = losses.fctb_loss(feats[:b], batch["ref"], feats[b:], box, kappa)
+      return jnp.mean(loss), {**aux, "box_width": jnp.mean(box.upper - box.lower)}
     b = images.shape[1]
     feats = apply(params, images.reshape((-1,) + images.shape[2:]))
     fa, fp, fn = feats[:b], feats[b:2 * b], feats[2 * b:]
     if method in ("triplet", "act"):
       t = losses.triplet_loss(fa, fp, fn, margin)
-      return jnp.mean(t), {"triplet": jnp.mean(t)}
-    loss, aux = losses.tbt_loss(fa, fp, fn, box_of(images[0]), kappa, margin)
-    return jnp.mean(loss), aux
+      aux = {"triplet": jnp.mean(t)}
+      if method == "act":   # d(f(p'), f(n')) after the attack that minimised it
+        aux["collapse"] = jnp.mean(losses.collapse_distance(fp, fn))
+      return jnp.mean(t), aux
+    box = box_of(images[0])
+    loss, aux = losses.tbt_loss(fa, fp, fn, box, kappa, margin)
+    return jnp.mean(loss), {**aux, "box_width": jnp.mean(box.upper - box.lower)}
 
-  def step(state, batch, eps, kappa):
+  def _training_box(f, x, eps, step):
+    """IBP box, or with train.bound_method='crown_ibp' the CROWN-IBP/IBP mixture of
+    Zhang et al. (2020): ``beta * crown_ibp + (1 - beta) * ibp`` (both sound, so is any
+    convex combination), beta ramped crown_beta -> crown_beta_end with eps."""
+    box = input_box(x, eps)
+    b = ibp(f)(box)
+    if cfg.bound_method == "ibp":
+      return b
+    c = linear_bounds.linear_bounds(f, "crown_ibp", depth=cfg.crown_depth,
+                                    intersect_ibp=False, image_chunk=x.shape[0])(box)
+    beta = ramp(step, cfg.ramp_start, cfg.ramp_end, cfg.crown_beta, cfg.crown_beta_end)
+    return Interval(beta * c.lower + (1 - beta) * b.lower,
+                    beta * c.upper + (1 - beta) * b.upper)
+
+  def device_step(state, batch, eps, kappa):
+    """One device's share: its rows of ``batch``; ``state`` replicated."""
     trainable = _trainable(state)
-    batch = dict(batch, step=state["step"])
     if method == "act":   # the attack is not differentiated through
       batch = dict(batch, images=act_images(state["params"], batch["images"], eps,
-                                            state["step"]))
+                                            batch.pop("start")))
+    # each device's own gradient (check_vma=False: no implicit psum), averaged here
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         trainable, batch, eps, kappa)
+    if devices > 1:
+      grads, loss, aux = jax.lax.pmean((grads, loss, aux), parallel.DATA)
     updates, opt_state = optimizer.update(grads, state["opt_state"], trainable)
     new_state = dict(optax.apply_updates(trainable, updates))
     new_state.update(opt_state=opt_state, step=state["step"] + 1)
-    return new_state, {"loss": loss, **aux}
+    return new_state, {"loss": loss, **aux, "grad_norm": _global_norm(grads)}
+
+  def step(state, batch, eps, kappa):
+    size = batch["images"].shape[image_axis]
+    if size % devices:
+      raise ValueError(f"the batch of {size} examples must be divisible by the "
+                       f"{devices} devices of the mesh (config.train.batch_size)")
+    rows = lambda x, axis=0: jax.lax.with_sharding_constraint(
+        x, NamedSharding(mesh, parallel.batch_spec(x.ndim, axis)))
+    images = batch["images"]
+    batch = dict(batch, step=state["step"])
+    key = jax.random.fold_in(jax.random.key(seed), state["step"])
+    if method == "gdml":   # noise of the whole batch, drawn row-sharded
+      noise = jax.random.normal(jax.random.fold_in(key, 1), images.shape, images.dtype)
+      batch["images"] = images + cfg.noise_sigma * rows(noise)
+    if method == "act":    # pgd's random start (its key split), for the whole batch
+      pn = jnp.stack([images[1], images[2]], axis=1)
+      lo, hi = jnp.clip(pn - eps, 0.0, 1.0), jnp.clip(pn + eps, 0.0, 1.0)
+      batch["start"] = rows(jax.random.uniform(jax.random.split(key)[1], pn.shape,
+                                               pn.dtype, lo, hi))
+    if devices == 1:   # the same computation without the per-device wrapper
+      return device_step(state, batch, eps, kappa)
+    specs = {k: (P() if k == "step" else
+                 parallel.batch_spec(v.ndim, image_axis if k == "images" else 0))
+             for k, v in batch.items()}
+    # check_vma=False: the IBP interpreter binds primitives on mixed replicated and
+    # per-device operands, which the varying-axes type check rejects
+    return jax.shard_map(device_step, mesh=mesh, in_specs=(P(), specs, P(), P()),
+                         out_specs=(P(), P()), check_vma=False)(state, batch, eps, kappa)
 
   return jax.jit(step, donate_argnums=(0,))
 
@@ -337,6 +423,18 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.train.method='cibp' needs a classification dataset "
                      f"({', '.join(data_lib.NUM_CLASSES)}), got data.name="
                      f"{config.data.name!r}")
+  if t.bound_method not in ("ibp", "crown_ibp"):
+    raise ValueError(f"config.train.bound_method must be 'ibp' or 'crown_ibp', got "
+                     f"{t.bound_method!r}")
+  if t.bound_method != "ibp" and t.method not in ("tbt", "fctb", "cibp"):
+    raise ValueError(f"config.train.bound_method={t.bound_method!r} only affects the "
+                     f"bounded methods tbt, fctb, cibp, got method={t.method!r}")
+  for name in ("crown_beta", "crown_beta_end"):
+    if not 0.0 <= float(t[name]) <= 1.0:
+      raise ValueError(f"config.train.{name} must lie in [0, 1], got {t[name]!r}")
+  if t.crown_depth is not None and int(t.crown_depth) < 1:
+    raise ValueError(f"config.train.crown_depth must be None or >= 1, got "
+                     f"{t.crown_depth!r}")
   if t.method == "fctb" and not t.init_from:
     raise ValueError("config.train.init_from is required for method 'fctb': the workdir "
                      "of the trained extractor f0 to fine-tune (e.g. a TBT run)")
@@ -374,6 +472,29 @@ def _fmt_time(seconds: float) -> str:
   return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
+_TAG_GROUPS = {"eps": "schedule", "kappa": "schedule", "lr": "schedule",
+               "lr_beta": "schedule", "steps_per_sec": "perf", "images_per_sec": "perf"}
+
+
+def metric_tag(name: str) -> str:
+  """TensorBoard tag of a ``metrics.csv`` column: ``schedule/``, ``perf/`` or ``train/``."""
+  return f"{_TAG_GROUPS.get(name, 'train')}/{name}"
+
+
+def _ordered_metrics(m: dict) -> dict:
+  """Floats of ``m``: loss, the loss terms, then box_width and grad_norm (jit returns
+  the keys sorted)."""
+  tail = [k for k in ("box_width", "grad_norm") if k in m]
+  keys = ["loss"] + [k for k in m if k != "loss" and k not in tail] + tail
+  return {k: float(m[k]) for k in keys}
+
+
+def images_per_step(method: str, batch_size: int) -> int:
+  """Training images one step feeds the model: 3 per triplet (triplet, act, tbt), 2 per
+  candidate pair (fctb), 1 per example (cibp, dml, gdml)."""
+  return {"triplet": 3, "act": 3, "tbt": 3, "fctb": 2}.get(method, 1) * int(batch_size)
+
+
 def build_model(config: ml_collections.ConfigDict, input_shape, *,
                 log: Callable[[str], None] | None = None, pretrained: bool = True):
   """(graphdef, params) of ``config.model``; ResNets start from ``model.pretrained``
@@ -392,6 +513,35 @@ def build_model(config: ml_collections.ConfigDict, input_shape, *,
       log(f"loaded {config.model.pretrained}; left at init: {', '.join(left) or 'none'}")
   graphdef, params = models.split(model)
   return graphdef, params
+
+
+def host_batch(method: str, images: np.ndarray, labels: np.ndarray, idx: np.ndarray,
+               rows: slice = slice(None), ref: np.ndarray | None = None) -> dict:
+  """The ``rows`` of the batch that the sampler drew (``idx``) for ``method``, on the host.
+
+  images uint8 (as in ``images``: the caller divides by 255), labels int32; layouts as in
+  :func:`make_train_step`. ``rows``: the examples this process feeds
+  (:func:`jaxcert.parallel.process_rows`); ``ref`` [N, d]: FCTB's f0 features.
+  """
+  if method == "cibp" or method in MARGIN_METHODS:
+    pick = idx[0][rows] if method == "cibp" else idx[rows]
+    batch = {"images": images[pick], "labels": labels[pick].astype(np.int32)}
+  else:
+    batch = {"images": images[idx[:, rows]]}
+  if ref is not None:
+    batch["ref"] = ref[idx[0][rows]]
+  return batch
+
+
+def batch_specs(method: str, with_ref: bool = False) -> dict:
+  """PartitionSpecs of :func:`host_batch`'s arrays: the example axis over ``data``."""
+  specs = {"images": parallel.batch_spec(5, 1) if method in ("triplet", "act", "tbt", "fctb")
+           else parallel.batch_spec(4)}
+  if method == "cibp" or method in MARGIN_METHODS:
+    specs["labels"] = parallel.batch_spec(1)
+  if with_ref:
+    specs["ref"] = parallel.batch_spec(2)
+  return specs
 
 
 def load_init(config: ml_collections.ConfigDict, init_dir: str, input_shape) -> dict:
@@ -420,12 +570,24 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
           log: Callable[[str], None] = print) -> TrainResult:
   """Trains (or resumes) the feature extractor described by ``config`` in ``workdir``.
 
-  Writes ``workdir/config.json`` and orbax checkpoints under ``workdir/checkpoints``.
+  Writes ``workdir/config.json``, orbax checkpoints under ``workdir/checkpoints``, and
+  from process 0 the training scalars every ``train.log_every`` steps to
+  ``workdir/metrics.csv`` and ``workdir/tensorboard/`` plus one record per launch to
+  ``workdir/run_info.json`` (docs/LOGGING.md).
   Raises ``FloatingPointError`` naming the step if the loss becomes non-finite
   (the last good checkpoint is kept).
+
+  Runs data-parallel on ``config.parallel.num_devices`` devices (None: all of every
+  process; :func:`make_train_step`); with ``config.parallel.distributed`` it first
+  joins the other processes (:func:`jaxcert.parallel.initialize`), and each process
+  then feeds only its devices' rows of every batch.
   """
+  parallel.initialize(config.parallel)   # before anything starts JAX
   check_config(config)
   t = config.train
+  mesh = parallel.make_mesh(config.parallel.num_devices, name="config.parallel.num_devices")
+  parallel.check_divisible(t.batch_size, mesh, "config.train.batch_size")
+  rows = parallel.process_rows(mesh, t.batch_size)   # this process's rows of each batch
   if t.method == "fctb":   # Eq. 21 fine-tunes on the candidate set of certify.py
     split = data_lib.load_config_split(config.data, "test")
     _, c_idx = data_lib.query_candidate_split(split.labels, config.data.num_queries,
@@ -450,41 +612,46 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   if t.method == "fctb":
     params = load_init(config, t.init_from, images.shape[1:])
     ref = models.embed(apply, params, data_lib.to_float(images), batch_size=250)  # f0(C)
-  state = init_state(config, params, optimizer)
+  state = parallel.replicate(init_state(config, params, optimizer), mesh)
 
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json(indent=2))
+  report.atomic_write_text(os.path.join(workdir, "config.json"), config.to_json(indent=2))
 
   eps_fn, kappa_fn = eps_schedule(t), kappa_schedule(t)
-  step_fn = make_train_step(apply, optimizer, t.method, t, seed=config.seed)
+  step_fn = make_train_step(apply, optimizer, t.method, t, seed=config.seed, mesh=mesh)
+  specs = batch_specs(t.method, ref is not None)
   metrics: dict = {}
-  with ckpt_lib.Checkpointer(workdir, max_to_keep=t.max_to_keep) as ckpt:
+  with (ckpt_lib.Checkpointer(workdir, max_to_keep=t.max_to_keep) as ckpt,
+        contextlib.ExitStack() as cleanup):
     latest = ckpt.latest_step()
     if latest is not None:
       state = ckpt.restore(state, latest)
       log(f"resumed from checkpoint at step {latest} in {workdir}")
     start = int(state["step"])
+    # metrics and run records: process 0 only, and only when there is something to train
+    primary = jax.process_index() == 0 and start < t.num_steps
+    if primary:
+      info = report.append_run_info(workdir, config, start_step=start,
+                                    resumed=latest is not None)
+    writer = cleanup.enter_context(metric_writer.MetricWriter(
+        workdir, start_step=start, tag_of=metric_tag, enabled=primary))
+    if primary:
+      writer.write_text("run_info", f"```json\n{json.dumps(info, indent=2)}\n```", start)
+    per_step = images_per_step(t.method, t.batch_size)
     if start >= t.num_steps:
       log(f"already trained: step {start} >= num_steps {t.num_steps}")
     what = (f"{len(images)} candidates, f0 from {t.init_from}" if t.method == "fctb"
             else f"{len(images)} images")
     log(f"training {config.model.arch} with {t.method} on {config.data.name} "
-        f"({what}), steps {start}..{t.num_steps}, batch {t.batch_size}")
+        f"({what}), steps {start}..{t.num_steps}, batch {t.batch_size}"
+        + (f" over {mesh.size} devices" if mesh.size > 1 else ""))
     t0, s0 = time.perf_counter(), start
+    t_last, s_last = t0, start
     for step in range(start, t.num_steps):
-      idx = sampler(step, t.batch_size)
-      if t.method == "cibp":
-        batch = {"images": jnp.asarray(images[idx[0]], jnp.float32) / 255.0,
-                 "labels": jnp.asarray(labels[idx[0]], jnp.int32)}
-      elif t.method in MARGIN_METHODS:
-        batch = {"images": jnp.asarray(images[idx], jnp.float32) / 255.0,
-                 "labels": jnp.asarray(labels[idx], jnp.int32)}
-      else:
-        batch = {"images": jnp.asarray(images[idx], jnp.float32) / 255.0}
-      if ref is not None:
-        batch["ref"] = ref[idx[0]]
-      eps, kappa = eps_fn(step), kappa_fn(step)
+      batch = host_batch(t.method, images, labels, sampler(step, t.batch_size), rows, ref)
+      batch = parallel.shard_batch(batch, mesh, specs, global_size=t.batch_size)
+      batch["images"] = batch["images"].astype(jnp.float32) / 255.0   # on the devices
+      eps, kappa = np.float32(eps_fn(step)), np.float32(kappa_fn(step))
       state, m = step_fn(state, batch, eps, kappa)
       loss = float(m["loss"])
       if not np.isfinite(loss):
@@ -495,8 +662,15 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
       if done % t.checkpoint_every == 0 or done == t.num_steps:
         ckpt.save(done, state)
       if done % t.log_every == 0 or done == t.num_steps:
-        metrics = {k: float(v) for k, v in m.items()}
-        rate = (done - s0) / max(time.perf_counter() - t0, 1e-9)
+        metrics = _ordered_metrics(m)
+        now = time.perf_counter()
+        rate = (done - s0) / max(now - t0, 1e-9)
+        window = (done - s_last) / max(now - t_last, 1e-9)
+        t_last, s_last = now, done
+        writer.write(done, {    # the update step -> done and the schedule values it used
+            **metrics, "eps": float(eps), "kappa": float(kappa), "lr": float(lr(step)),
+            **({"lr_beta": float(t.beta_lr)} if t.method in MARGIN_METHODS else {}),
+            "steps_per_sec": window, "images_per_sec": window * per_step})
         terms = " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "loss")
         sched = {"triplet": "", "dml": "", "gdml": "",
                  "act": f"eps {float(eps):.4f} "}.get(

@@ -85,6 +85,6 @@ def check_same_dim(a, b, name_a: str, name_b: str, axis: int = -1) -> None:
 def check_shape(x, shape: tuple, name: str) -> None:
   """``shape`` entries of None match any size."""
   s = np.shape(x)
-  if len(s) != len(shape) or any(e is not None and e != v for e, v in zip(shape, s)):
+  if len(s) != len(shape) or any(e is not None and e != v for e, v in zip(shape, s, strict=True)):
     want = "[" + ", ".join("*" if e is None else str(e) for e in shape) + "]"
     raise ValueError(f"{name} must have shape {want}, got shape {s}")

@@ -21,9 +21,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
-import numpy as np  # noqa: E402
 
 from jaxcert import config as config_lib  # noqa: E402
 from jaxcert import report, smoothed_certify, smoothing, training  # noqa: E402

@@ -54,7 +54,7 @@ def main():
 
   plt = report.plt
   fig, axes = plt.subplots(1, len(SIGMAS), figsize=(4.2 * len(SIGMAS), 3.5), sharey=True)
-  for ax, s in zip(axes, SIGMAS):
+  for ax, s in zip(axes, SIGMAS, strict=True):
     for color, name in (("C0", "DML"), ("C3", "GDML")):
       r = runs.get((s, name))
       if r is None:

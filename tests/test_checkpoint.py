@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 from jaxcert import checkpoint as ckpt_lib
-from jaxcert.checkpoint import CheckpointError, Checkpointer, restore_latest
+from jaxcert.checkpoint import Checkpointer, CheckpointError, restore_latest
 
 
 class _Net(nnx.Module):

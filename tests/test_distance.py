@@ -24,7 +24,7 @@ def test_bounds_equal_brute_force(d):
   pts = jax.random.normal(jax.random.key(10 + d), (5, d)) * 1.5
   up, lo = distance.pairwise_distance_bounds(box, pts)
   for m in range(6):
-    verts = np.array(list(itertools.product(*zip(box.lower[m], box.upper[m]))))
+    verts = np.array(list(itertools.product(*zip(box.lower[m], box.upper[m], strict=True))))
     for n in range(5):
       t = np.asarray(pts[n])
       far = np.max(np.linalg.norm(verts - t, axis=1))  # max of a convex fn: a vertex
@@ -53,7 +53,7 @@ def test_chunk_size_and_elementwise_agree():
   b = distance.pairwise_distance_bounds(box, pts, chunk_size=64)
   e = distance.box_distance_bounds(
       Interval(box.lower[:, None], box.upper[:, None]), pts[None])
-  for x, y, z in zip(a, b, e):
+  for x, y, z in zip(a, b, e, strict=True):
     np.testing.assert_allclose(x, y, rtol=1e-6)
     np.testing.assert_allclose(x, z, rtol=1e-6)
 

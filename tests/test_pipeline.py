@@ -71,7 +71,8 @@ def test_resume_matches_uninterrupted_run(tmp_path):
   resumed = training.train(cfg, str(tmp_path / "cut"), log=lines.append)
   assert any("resumed from checkpoint at step 4" in s for s in lines)
   assert resumed.step == 6
-  for a, b in zip(jax.tree.leaves(full.params), jax.tree.leaves(resumed.params)):
+  for a, b in zip(jax.tree.leaves(full.params), jax.tree.leaves(resumed.params),
+                  strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   # max_to_keep=2: steps 4 and 6 remain
   ckpts = sorted(os.listdir(tmp_path / "cut" / "checkpoints"))
@@ -142,7 +143,8 @@ def test_report_write_is_atomic(tmp_path, monkeypatch):
   with pytest.raises(RuntimeError, match="plot failed"):
     certification.certify(cfg, str(tmp_path))
   assert (tmp_path / "certify" / "results.json").read_text() == before
-  assert sorted(os.listdir(tmp_path)) == ["certify", "checkpoints", "config.json"]
+  assert sorted(os.listdir(tmp_path)) == ["certify", "checkpoints", "config.json",
+                                         "metrics.csv", "run_info.json", "tensorboard"]
 
 
 def test_missing_and_corrupt_checkpoint(tmp_path):
@@ -214,7 +216,8 @@ def test_cibp_resumes_with_its_head_and_fctb_fine_tunes_the_tbt_model(tmp_path):
   with pytest.raises(Interrupt):
     training.train(cfg, str(tmp_path / "cut"), log=_interrupt_at(5))
   resumed = training.train(cfg, str(tmp_path / "cut"), log=lambda s: None)
-  for a, b in zip(jax.tree.leaves(full.params), jax.tree.leaves(resumed.params)):
+  for a, b in zip(jax.tree.leaves(full.params), jax.tree.leaves(resumed.params),
+                  strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   res = certification.certify(cfg, str(tmp_path / "cut"), log=lambda s: None)
   assert res["method"] == "cibp" and res["checkpoint_step"] == 6
@@ -229,7 +232,8 @@ def test_cibp_resumes_with_its_head_and_fctb_fine_tunes_the_tbt_model(tmp_path):
   assert any("20 candidates, f0 from" in s and "fctb" in s for s in lines)
   assert any("keep" in s and "reg" in s and "kappa 0.500" in s for s in lines)
   moved = [float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
-           for a, b in zip(jax.tree.leaves(f0.params), jax.tree.leaves(tuned.params))]
+           for a, b in zip(jax.tree.leaves(f0.params), jax.tree.leaves(tuned.params),
+                           strict=True)]
   assert 0 < max(moved) < 0.1   # starts from f0 and moves (6 Adam steps of lr 1e-3)
   res = certification.certify(ft, str(tmp_path / "fctb"), log=lambda s: None)
   assert res["method"] == "fctb"
@@ -248,3 +252,31 @@ def test_fctb_needs_a_compatible_init(tmp_path):
   ft.train.init_from = str(tmp_path / "other")
   with pytest.raises(ValueError, match="model.embed_dim=4"):
     training.train(ft, str(tmp_path / "c"))
+
+
+def test_certify_with_crown_ibp_boxes(tmp_path):
+  c = tiny_config()
+  c.certify.fp_sound = False
+  training.train(c, str(tmp_path), log=lambda s: None)
+  ibp_res = certification.certify(c, str(tmp_path), output_dir=str(tmp_path / "ibp"),
+                                  log=lambda s: None)
+  c.certify.bound_method = "crown_ibp"
+  res = certification.certify(c, str(tmp_path), output_dir=str(tmp_path / "crown"),
+                              log=lambda s: None)
+  assert res["bound_method"] == "crown_ibp"
+  # Boxes inside IBP's -> every certified claim of IBP stays certified.
+  assert res["mean_box_width"]["query"] <= ibp_res["mean_box_width"]["query"] + 1e-9
+  for name in ("cr_recall_qa", "cr_recall_ca"):
+    for k, v in res["metrics"][name].items():
+      assert v >= ibp_res["metrics"][name][k], (name, k)
+  for kind in ("qa_audit", "ca_audit"):
+    assert res["attack"][kind]["broken"] == 0
+  c.certify.fp_sound = True
+  with pytest.raises(ValueError, match="fp_sound=False"):
+    certification.certify(c, str(tmp_path), output_dir=str(tmp_path / "x"),
+                          log=lambda s: None)
+  c.certify.bound_method = "deeppoly"
+  with pytest.raises(ValueError, match="bound_method"):
+    certification.certify(c, str(tmp_path), output_dir=str(tmp_path / "x"),
+                          log=lambda s: None)
+  assert not os.path.exists(tmp_path / "x")

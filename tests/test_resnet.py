@@ -26,7 +26,7 @@ def _randomize_bn(model, seed):
   rng = np.random.default_rng(seed)
 
   def walk(node):
-    for k, v in node.items():
+    for v in node.values():
       if isinstance(v, dict) and set(v) == {"scale", "bias", "mean", "var"}:
         n = v["scale"].shape
         v["scale"] = jnp.asarray(1 + 0.1 * rng.standard_normal(n), jnp.float32)

@@ -3,7 +3,6 @@
 import inspect
 import io
 import logging
-import os
 
 import numpy as np
 import pytest
@@ -276,7 +275,7 @@ def test_not_prepared_message(tmp_path, forbid_download, name, k):
                "cannot be downloaded on this machine",
                f"tfds build {name} --data_dir=DIR --file_format=array_record",
                "download_and_prepare(file_format='array_record')",
-               f"pass data_dir=DIR", "load_image_folder", f"train_classes={k}"):
+               "pass data_dir=DIR", "load_image_folder", f"train_classes={k}"):
     assert part in msg, (part, msg)
   assert not list(tmp_path.iterdir())  # nothing written
 

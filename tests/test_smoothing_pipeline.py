@@ -59,7 +59,7 @@ def test_gdml_resumes_with_beta_and_certify_writes_smoothing_report(tmp_path, mo
     training.train(cfg, str(tmp_path / "resumed"), log=stop_at_3)
   lines = []
   resumed = training.train(cfg, str(tmp_path / "resumed"), log=lines.append)
-  assert any("resumed from checkpoint at step 2" in l for l in lines)
+  assert any("resumed from checkpoint at step 2" in line for line in lines)
   jax.tree.map(np.testing.assert_array_equal, full.params, resumed.params)
 
   logs = []
@@ -94,13 +94,13 @@ def test_gdml_resumes_with_beta_and_certify_writes_smoothing_report(tmp_path, mo
   again = smoothed_certify.recertify(str(out), rho=0.2, output_dir=str(tmp_path / "re"),
                                      log=lambda s: None)
   assert again["t_query"] < on_disk["t_query"]
-  for new, old in zip(again["per_query"], on_disk["per_query"]):
+  for new, old in zip(again["per_query"], on_disk["per_query"], strict=True):
     assert new["paper_radius"] >= old["paper_radius"]
     assert float(new["halfspace_radius"]["1"]) >= float(old["halfspace_radius"]["1"])
   curve = on_disk["curve"]
   assert curve["paper"][0] == pytest.approx(
       np.mean([r["paper_radius"] > 0 for r in on_disk["per_query"]]))
-  assert any("smoothing: 10/10 images" in l for l in logs)
+  assert any("smoothing: 10/10 images" in line for line in logs)
 
 
 def test_smoothed_gallery_mode_uses_the_union_bound(tmp_path, mock_fmnist):
@@ -172,7 +172,7 @@ def test_resnet18_dml_on_an_image_folder_trains_and_certifies(tmp_path):
   cfg.smoothing.chunk_size = 32
   lines = []
   result = training.train(cfg, str(tmp_path / "run"), log=lines.append)
-  assert any("training resnet18 with dml on folder (18 images)" in l for l in lines)
+  assert any("training resnet18 with dml on folder (18 images)" in line for line in lines)
   # frozen BN: statistics and affine parameters did not move
   init = training.build_model(cfg, (16, 16, 3))[1]
   np.testing.assert_array_equal(result.params["bn1"]["scale"], init["bn1"]["scale"])
@@ -200,8 +200,9 @@ def test_ablation_script_over_n_and_rho(tmp_path, mock_fmnist):
                         log=lambda s: None)
   assert by_rho["0.1"]["t"] < by_rho["0.001"]["t"]
   for s in by_rho.values():   # a larger t can only shrink every certified curve
-    assert all(h >= p - 1e-12 for h, p in zip(s["halfspace"], s["paper"]))
-  assert all(a >= b for a, b in zip(by_rho["0.1"]["paper"], by_rho["0.001"]["paper"]))
+    assert all(h >= p - 1e-12 for h, p in zip(s["halfspace"], s["paper"], strict=True))
+  assert all(a >= b for a, b in zip(by_rho["0.1"]["paper"], by_rho["0.001"]["paper"],
+                                    strict=True))
   ablation.plot(by_n, "n", str(tmp_path / "n.png"))
   assert (tmp_path / "n.png").stat().st_size > 1000
   with pytest.raises(ValueError, match="needs --workdir"):

@@ -1,0 +1,414 @@
+"""Back-substituted linear bounds (CROWN, CROWN-IBP) as a function transform.
+
+``linear_bounds(fn, method)(box)`` returns per-coordinate boxes on ``fn``'s output, like
+:func:`jaxcert.interval.ibp`, but computed by propagating linear bounds backward through
+the network (Zhang et al. 2018, CROWN; Zhang et al. 2020, CROWN-IBP) -- usually much
+tighter than IBP's. The rank and distance certificates consume the boxes unchanged
+(CBIR paper Thm 5/6 hold for any sound box; MATH.md C).
+
+Scope: feed-forward ReLU networks, i.e. ``fn = A_L o relu o A_{L-1} o ... o relu o A_1``
+where each ``A_k`` is an affine function built from the primitives in ``_AFFINE``
+(convolutions and matrix products with constant weights, bias adds, input
+normalisation, reshapes, slicing, padding, sums...). ``fn`` is traced to a jaxpr and cut
+at its ReLUs; anything else on the input's path (a residual add across a ReLU, max
+pooling, tanh, an l2-normalised output) raises ``NotImplementedError`` naming it -- use
+IBP for those networks. The CBIR Small and Large models qualify.
+
+**The bound.** Write ``zhat_k = A_k(z_{k-1}) = W_k z_{k-1} + b_k`` and ``z_k = relu(zhat_k)``
+with ``z_0 = x`` in the box ``[l_0, u_0]``. Given pre-activation bounds
+``l_k <= zhat_k <= u_k``, each ReLU is relaxed elementwise by two lines that hold on
+``[l_k, u_k]``:
+
+- upper: ``relu(v) <= s v + t`` with ``s = u/(u-l)``, ``t = -s l`` when ``l < 0 < u``
+  (the chord), ``s = 1, t = 0`` when ``l >= 0``, ``s = t = 0`` when ``u <= 0``;
+- lower: ``relu(v) >= a v`` with ``a`` in [0, 1] (``a = 1`` if ``u > -l`` else 0 for an
+  unstable neuron: CROWN's adaptive choice), ``a = 1`` if ``l >= 0``, ``a = 0`` if ``u <= 0``.
+
+For a row vector ``lam`` on ``zhat_m`` the lower bound of ``lam . zhat_m`` follows by
+back-substitution: ``lam . zhat_k = (lam W_k) . z_{k-1} + lam . b_k``; then with
+``lam' = lam W_k``, ``lam' . z_{k-1} >= (lam'^+ a + lam'^- s) . zhat_{k-1} + lam'^- . t``
+(each coefficient uses the relaxation that bounds its sign's term from below); at the input
+``lam . x >= lam . c_0 - |lam| . r_0`` (box centre ``c_0``, radius ``r_0``). Every step is
+an inequality valid for every ``x`` in the box, so the result is a lower bound; an upper
+bound of coordinate ``j`` is minus the lower bound of ``-e_j``. ``lam W_k`` is the
+transpose of ``A_k``'s linear part, applied with ``jax.vjp`` (``A_k`` is affine, so its
+VJP at 0 is exact), and ``b_k = A_k(0)``. Nothing is ever materialised as a matrix.
+
+**Methods.**
+
+- ``crown_ibp``: pre-activation bounds from IBP, one backward pass for the output.
+- ``crown``: pre-activation bounds of every layer by back-substitution too (intersected with
+  IBP's, both being sound), then the output. Costs one backward pass per pre-activation
+  neuron (in row chunks): affordable for the Small model, heavy for Large.
+
+The output box is intersected with the IBP box (``intersect_ibp=True``, the default), so it
+is never wider than IBP's; both are sound, so their intersection is. Soundness is in exact
+arithmetic, like :func:`jaxcert.interval.ibp` without ``fp_sound``: float32 rounding of the
+bound computation is not accounted for here (see docs/FLOAT_SOUNDNESS.md).
+
+**Cost.** The output pass propagates ``2 d`` rows (``d`` = embedding size) per image, so
+memory is ``2 d x (largest activation)`` floats per image; ``image_chunk`` images are
+processed at a time (``jax.lax.map``), which bounds memory independently of the batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.extend import core as jex_core
+
+from jaxcert.interval import Interval, ibp
+
+METHODS = ("ibp", "crown_ibp", "crown")
+
+_CALLS = ("pjit", "jit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call",
+          "custom_vjp_call_jaxpr", "remat2", "checkpoint")
+# Primitives that are affine in their bounded operands whatever the mix of bounded and
+# constant operands (with the operand restrictions in _check_affine).
+_AFFINE = frozenset((
+    "add", "add_any", "sub", "neg", "reshape", "transpose", "broadcast_in_dim", "squeeze",
+    "expand_dims", "slice", "concatenate", "pad", "rev", "copy", "copy_p",
+    "convert_element_type", "reduce_sum", "reduce_window_sum", "cumsum", "select_n",
+    "dynamic_slice", "gather", "sharding_constraint",
+    "mul", "dot_general", "conv_general_dilated", "div",
+))
+_ONE_BOUNDED = frozenset(("mul", "dot_general", "conv_general_dilated"))
+
+
+@dataclasses.dataclass
+class _Eqn:
+  prim: Any
+  params: dict
+  ins: list          # keys (scope, Var) or jex_core.Literal
+  outs: list         # keys
+  is_relu: bool = False
+
+
+def _call_jaxpr(eqn) -> jex_core.ClosedJaxpr | None:
+  for key in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
+    if key in eqn.params:
+      sub = eqn.params[key]
+      return sub if isinstance(sub, jex_core.ClosedJaxpr) else jex_core.ClosedJaxpr(sub, ())
+  return None
+
+
+class _Graph:
+  """A jaxpr flattened through nested calls (kept whole: ReLU calls)."""
+
+  def __init__(self, closed: jex_core.ClosedJaxpr):
+    self.eqns: list[_Eqn] = []
+    self.consts: dict = {}
+    self.alias: dict = {}
+    self._scopes = itertools.count(1)
+    top = 0
+    for v, c in zip(closed.jaxpr.constvars, closed.consts):
+      self.consts[(top, v)] = c
+    self._flatten(closed.jaxpr, top)
+    self.invars = [(top, v) for v in closed.jaxpr.invars]
+    self.outvars = [self.resolve(self._key(top, v)) for v in closed.jaxpr.outvars]
+
+  @staticmethod
+  def _key(scope, v):
+    return v if isinstance(v, jex_core.Literal) else (scope, v)
+
+  def resolve(self, k):
+    while not isinstance(k, jex_core.Literal) and k in self.alias:
+      k = self.alias[k]
+    return k
+
+  def _flatten(self, jaxpr, scope):
+    for eqn in jaxpr.eqns:
+      ins = [self.resolve(self._key(scope, v)) for v in eqn.invars]
+      outs = [(scope, v) for v in eqn.outvars]
+      name = eqn.params.get("name")
+      sub = _call_jaxpr(eqn) if eqn.primitive.name in _CALLS else None
+      if sub is not None and name != "relu":
+        inner = next(self._scopes)
+        for v, c in zip(sub.jaxpr.constvars, sub.consts):
+          self.consts[(inner, v)] = c
+        for v, k in zip(sub.jaxpr.invars, ins):
+          self.alias[(inner, v)] = k
+        self._flatten(sub.jaxpr, inner)
+        for v, w in zip(eqn.outvars, sub.jaxpr.outvars):
+          if not isinstance(v, jex_core.DropVar):
+            self.alias[(scope, v)] = self.resolve(self._key(inner, w))
+        continue
+      self.eqns.append(_Eqn(eqn.primitive, eqn.params, ins, outs,
+                            is_relu=sub is not None and name == "relu"))
+
+
+def _bind(eqn: _Eqn, invals):
+  params = eqn.params
+  if "precision" in params and eqn.prim.name in ("dot_general", "conv_general_dilated"):
+    params = {**params, "precision": (lax.Precision.HIGHEST, lax.Precision.HIGHEST)}
+  bind_params = eqn.prim.get_bind_params(params)
+  subfuns = ()
+  if isinstance(bind_params, tuple):  # older JAX: (subfuns, params)
+    subfuns, bind_params = bind_params
+  out = eqn.prim.bind(*subfuns, *invals, **bind_params)
+  return out if eqn.prim.multiple_results else [out]
+
+
+def _is_zero(v) -> bool:
+  """True iff ``v`` is a concrete array of zeros (a traced value is never known zero)."""
+  try:
+    return bool(np.all(np.asarray(v) == 0))
+  except (TypeError, jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+    return False
+
+
+@dataclasses.dataclass
+class _Segment:
+  """``A_k``: eqns mapping key ``inp`` to key ``out``; affine by construction."""
+  inp: Any
+  out: Any
+  eqns: list
+
+
+class _Network:
+  """``fn`` cut at its ReLUs into affine segments; see the module docstring."""
+
+  def __init__(self, fn: Callable, spec: jax.ShapeDtypeStruct):
+    closed = jax.make_jaxpr(fn)(spec)
+    g = _Graph(closed)
+    if len(g.invars) != 1 or len(g.outvars) != 1:
+      raise NotImplementedError("linear_bounds: fn must map one array to one array")
+    # Constants: every value that does not depend on the input, evaluated once.
+    env = dict(g.consts)
+    data = {g.invars[0]}
+    val = lambda k: k.val if isinstance(k, jex_core.Literal) else env[k]
+    with jax.ensure_compile_time_eval():  # concrete where possible, even under jit
+      for e in g.eqns:
+        if any(not isinstance(k, jex_core.Literal) and k in data for k in e.ins):
+          for k in e.outs:
+            data.add(k)
+          continue
+        for k, v in zip(e.outs, _bind(e, [val(k) for k in e.ins])):
+          env[k] = v
+    self._consts = env
+    self._data = data
+    # Cut the input's path at ReLUs.
+    self.segments: list[_Segment] = []
+    cur = _Segment(g.invars[0], None, [])
+    produced = {g.invars[0]}
+    for e in g.eqns:
+      dins = [k for k in e.ins if not isinstance(k, jex_core.Literal) and k in data]
+      if not dins:
+        continue
+      for k in dins:
+        if k not in produced:
+          raise NotImplementedError(
+              f"linear_bounds: '{e.prim.name}' reads a value from before the previous "
+              "ReLU (a residual/skip connection); only feed-forward ReLU chains are "
+              "supported -- use IBP (method='ibp') for this network")
+      relu_like = e.is_relu or (e.prim.name == "max" and len(e.ins) == 2 and any(
+          (isinstance(k, jex_core.Literal) or k not in data) and _is_zero(val(k))
+          for k in e.ins))
+      if relu_like:
+        cur.out = dins[0]
+        self.segments.append(cur)
+        cur = _Segment(e.outs[0], None, [])
+        produced = {e.outs[0]}
+        continue
+      self._check_affine(e, data)
+      cur.eqns.append(e)
+      produced.update(e.outs)
+    out = g.outvars[0]
+    if isinstance(out, jex_core.Literal) or out not in data:
+      raise NotImplementedError("linear_bounds: fn's output does not depend on its input")
+    if out not in produced:
+      raise NotImplementedError("linear_bounds: fn's output skips the last ReLU layer")
+    cur.out = out
+    self.segments.append(cur)
+
+  def _check_affine(self, e: _Eqn, data) -> None:
+    name = e.prim.name
+    bounded = [not isinstance(k, jex_core.Literal) and k in data for k in e.ins]
+    ok = name in _AFFINE
+    if name in _ONE_BOUNDED:
+      ok = sum(bounded) == 1
+    elif name == "div":
+      ok = bounded == [True, False]
+    elif name == "select_n":
+      ok = not bounded[0]
+    elif name in ("dynamic_slice", "gather"):
+      ok = not any(bounded[1:])
+    elif name == "pad":
+      ok = not bounded[1]
+    elif name == "convert_element_type":   # float -> float only (to int would round)
+      ok = jnp.issubdtype(e.params["new_dtype"], jnp.floating)
+    if not ok:
+      raise NotImplementedError(
+          f"linear_bounds: primitive '{name}' on the input's path is not affine (or has "
+          "an input-dependent operand it needs constant); supported: feed-forward ReLU "
+          "networks of affine ops -- use IBP (method='ibp') for this network")
+
+  def segment_fn(self, k: int) -> Callable[[jax.Array], jax.Array]:
+    seg = self.segments[k]
+
+    def apply(z):
+      env = {seg.inp: z}
+      for e in seg.eqns:
+        invals = [k.val if isinstance(k, jex_core.Literal) else
+                  env[k] if k in env else self._consts[k] for k in e.ins]
+        for kk, v in zip(e.outs, _bind(e, invals)):
+          env[kk] = v
+      return env[seg.out]
+
+    return apply
+
+
+def _relaxation(pre: Interval):
+  """(a, s, t): ``a v <= relu(v) <= s v + t`` for every v in ``pre``."""
+  l, u = pre.lower, pre.upper
+  active, inactive = l >= 0, u <= 0
+  unstable = ~active & ~inactive
+  width = jnp.where(unstable, u - l, 1.0)
+  s = jnp.where(active, 1.0, jnp.where(unstable, u / width, 0.0))
+  t = jnp.where(unstable, -l * u / width, 0.0)
+  a = jnp.where(active, 1.0, jnp.where(unstable, (u > -l).astype(l.dtype), 0.0))
+  return a, s, t
+
+
+def _sum_tail(x, keep: int = 2):
+  return jnp.sum(x, axis=tuple(range(keep, x.ndim)))
+
+
+def _backward_lower(affine, pre, box0: Interval, m: int, lam: jax.Array,
+                    stop: int = 0) -> jax.Array:
+  """Lower bounds of ``lam[r] . zhat_m`` over the input box.
+
+  affine: list of (bias b_k, vjp_k) per segment; pre: pre-activation boxes
+  (``pre[k]`` bounds the output of segment k); lam [R, B, *shape of zhat_m].
+  Back-substitutes through segments m, m-1, ..., stop; with ``stop > 0`` the linear
+  bound is then minimised over the IBP box of segment ``stop``'s input
+  ``relu(pre[stop - 1])`` instead of the input box (cheaper, sound, looser).
+  Returns [R, B].
+  """
+  const = jnp.zeros(lam.shape[:2], lam.dtype)
+  for k in range(m, stop - 1, -1):
+    bias, vjp = affine[k]
+    const = const + _sum_tail(lam * bias[None])
+    lam = jax.vmap(lambda c, vjp=vjp: vjp(c)[0])(lam)
+    if k == stop:
+      break
+    a, s, t = _relaxation(pre[k - 1])
+    pos, neg = jnp.maximum(lam, 0), jnp.minimum(lam, 0)
+    const = const + _sum_tail(neg * t[None])
+    lam = pos * a[None] + neg * s[None]
+  z = box0 if stop == 0 else _relu(pre[stop - 1])
+  return const + _sum_tail(lam * z.center[None]) - _sum_tail(jnp.abs(lam) * z.radius[None])
+
+
+def _box_by_backsubstitution(affine, pre, box0, m, shape, row_chunk, stop=0):
+  """Box on ``zhat_m`` (shape [B, *shape]): 2 n rows (+e_j, -e_j), in chunks."""
+  n = 1
+  for s in shape[1:]:
+    n *= s
+  b = shape[0]
+  rows = 2 * n
+  chunk = min(row_chunk, rows)
+  num_chunks = -(-rows // chunk)
+  dtype = box0.lower.dtype
+
+  def block(i):
+    r = i * chunk + jnp.arange(chunk)
+    coord, sign = r % n, jnp.where(r < n, 1.0, -1.0).astype(dtype)
+    lam = jax.nn.one_hot(coord, n, dtype=dtype) * sign[:, None]        # [chunk, n]
+    lam = jnp.broadcast_to(lam[:, None], (chunk, b, n)).reshape((chunk,) + tuple(shape))
+    return _backward_lower(affine, pre, box0, m, lam, stop)             # [chunk, B]
+
+  low = lax.map(block, jnp.arange(num_chunks)).reshape(num_chunks * chunk, b)[:rows]
+  lower = low[:n].T.reshape(shape)
+  upper = -low[n:].T.reshape(shape)
+  return Interval(lower, upper)
+
+
+def _intersect(a: Interval, b: Interval) -> Interval:
+  return Interval(jnp.maximum(a.lower, b.lower), jnp.minimum(a.upper, b.upper))
+
+
+def _relu(box: Interval) -> Interval:
+  return Interval(jnp.maximum(box.lower, 0), jnp.maximum(box.upper, 0))
+
+
+def _bounds_one(net: _Network, box0: Interval, method: str, row_chunk: int,
+                intersect_ibp: bool, depth: int | None) -> Interval:
+  """Bounds for one traced batch (box0 has the traced shape)."""
+  fns = [net.segment_fn(k) for k in range(len(net.segments))]
+  affine, pre = [], []
+  z = box0
+  for k, f in enumerate(fns):
+    zero = jnp.zeros(z.lower.shape, z.lower.dtype)
+    affine.append(jax.vjp(f, zero))
+    box = ibp(f)(z)
+    if method == "crown" and 0 < k < len(fns) - 1:
+      box = _intersect(box, _box_by_backsubstitution(affine, pre, box0, k,
+                                                     box.lower.shape, row_chunk))
+    if k < len(fns) - 1:
+      pre.append(box)
+      z = _relu(box)
+  out_ibp = box
+  if method == "ibp":
+    return out_ibp
+  last = len(fns) - 1
+  stop = 0 if depth is None else max(0, last + 1 - depth)
+  out = _box_by_backsubstitution(affine, pre, box0, last, out_ibp.lower.shape, row_chunk,
+                                 stop)
+  return _intersect(out, out_ibp) if intersect_ibp else out
+
+
+def linear_bounds(fn: Callable[[jax.Array], jax.Array], method: str = "crown_ibp", *,
+                  image_chunk: int = 8, row_chunk: int = 512,
+                  intersect_ibp: bool = True,
+                  depth: int | None = None) -> Callable[[Interval], Interval]:
+  """Bound transform: ``linear_bounds(fn, method)(box)`` bounds ``fn(x)`` for x in box.
+
+  fn: maps a batch ``[B, ...]`` to ``[B, ...]`` with each example independent of the
+  others (as a feature extractor in inference mode is). method: ``"ibp"``,
+  ``"crown_ibp"`` or ``"crown"`` (module docstring). box: Interval ``[B, ...]``.
+  ``image_chunk`` examples are bounded at a time and ``row_chunk`` backward rows per
+  pass, which bounds memory. ``depth`` (CROWN-IBP only): back-substitute the output's
+  bounds through the last ``depth`` affine layers only and bound the rest by IBP's box
+  there (``None``: down to the input) -- a cheaper, looser bound for training.
+  Returns an Interval with ``fn``'s output shape. Works under ``jax.jit`` and is
+  differentiable (for training with CROWN-IBP bounds).
+  """
+  if method not in METHODS:
+    raise ValueError(f"method must be one of {METHODS}, got method={method!r}")
+  if depth is not None and (not isinstance(depth, int) or depth < 1):
+    raise ValueError(f"depth must be None or an integer >= 1, got depth={depth!r}")
+  for name, v in (("image_chunk", image_chunk), ("row_chunk", row_chunk)):
+    if not isinstance(v, int) or v < 1:
+      raise ValueError(f"{name} must be an integer >= 1, got {name}={v!r}")
+  if method == "ibp":
+    return ibp(fn)
+
+  @functools.wraps(fn)
+  def bounded(box: Interval) -> Interval:
+    if not isinstance(box, Interval):
+      raise TypeError(f"box must be a jaxcert.interval.Interval, got {type(box).__name__}")
+    if jnp.ndim(box.lower) < 1:
+      raise ValueError(f"box must have a batch axis, got shape {jnp.shape(box.lower)}")
+    one = jax.ShapeDtypeStruct((1,) + tuple(jnp.shape(box.lower)[1:]),
+                               jnp.result_type(box.lower))
+    net = _Network(fn, one)
+
+    def per_example(lu):
+      lo, up = lu
+      b = _bounds_one(net, Interval(lo[None], up[None]), method, row_chunk,
+                      intersect_ibp, depth)
+      return b.lower[0], b.upper[0]
+
+    lo, up = lax.map(per_example, (box.lower, box.upper),
+                     batch_size=min(image_chunk, jnp.shape(box.lower)[0]))
+    return Interval(lo, up)
+
+  return bounded
