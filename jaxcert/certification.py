@@ -15,11 +15,25 @@ import jax
 import ml_collections
 import numpy as np
 
+from jaxcert import (
+  attacks,
+  distance,
+  gallery,
+  linear_bounds,
+  metrics,
+  models,
+  ranks,
+  report,
+  training,
+  validate,
+)
 from jaxcert import data as data_lib
-from jaxcert import (attacks, distance, linear_bounds, metrics, models, ranks, report,
-                     training, validate)
 from jaxcert.interval import Interval, ibp, input_box
 from jaxcert.models import embed  # noqa: F401  (part of this module's API)
+
+# Above this many (query, candidate) pairs _certify streams (jaxcert.gallery) instead of
+# building dense [Q, N] arrays (each 4 bytes a pair; the dense path holds about ten).
+DENSE_MAX_PAIRS = 2 ** 22
 
 
 def feature_boxes(apply, params, images: np.ndarray, eps: float, *,
@@ -49,6 +63,7 @@ def feature_boxes(apply, params, images: np.ndarray, eps: float, *,
                      "linear bounds are sound in exact arithmetic (set fp_sound=False, "
                      "config.certify.fp_sound=False, to use them)")
   else:
+    linear_bounds.check_batch_independent(lambda z: apply(params, z), images[:2])
     fn = jax.jit(lambda p, x: linear_bounds.linear_bounds(lambda z: apply(p, z), method)(
         input_box(x, eps)))
   return models.map_batches(lambda x: fn(params, x), images, batch_size)
@@ -68,15 +83,27 @@ def certify_features(query_features, query_boxes: Interval, query_labels,
   (query [Q, d], candidate [N, d]): boxes around the clean features used in the
   distance bounds instead of the points (e.g. ``feature_boxes(..., 0.0, fp_sound=True)``,
   which contain the exact clean features); the clean ranking still uses the points.
+  Above ``DENSE_MAX_PAIRS`` query-candidate pairs the work is streamed in chunks
+  (:func:`jaxcert.gallery.certify_gallery`, same numbers, memory independent of Q N).
   """
   return _certify(query_features, query_boxes, query_labels, cand_features, cand_boxes,
                   cand_labels, ks, fp_sound=fp_sound, clean_boxes=clean_boxes)[0]
 
 
 def _certify(query_features, query_boxes, query_labels, cand_features, cand_boxes,
-             cand_labels, ks, *, fp_sound=False, clean_boxes=None):
-  """certify_features, plus (QA bounds, CA bounds, clean ranks) for the audits."""
+             cand_labels, ks, *, fp_sound=False, clean_boxes=None, dense=None):
+  """certify_features, plus (QA bounds, CA bounds, clean ranks) for the audits.
+
+  ``dense``: build the [Q, N] RankBounds and clean ranks (True), or stream
+  (False: returns ``(metrics, certs, certs, None)`` with ``certs`` the per-query
+  :class:`jaxcert.gallery.GalleryCertificates`); None: stream above DENSE_MAX_PAIRS.
+  """
   q, n = len(query_features), len(cand_features)
+  if dense is False or (dense is None and q * n > DENSE_MAX_PAIRS):
+    certs = gallery.certify_gallery(query_features, query_boxes, query_labels, cand_features,
+                                    cand_boxes, cand_labels, ks, fp_sound=fp_sound,
+                                    clean_boxes=clean_boxes)
+    return certs.metrics(), certs, certs, None
   validate.check_gallery(n)
   validate.check_same_dim(query_features, cand_features, "query_features", "cand_features")
   validate.check_shape(query_boxes.lower, (q, np.shape(query_features)[1]), "query_boxes")
@@ -105,16 +132,18 @@ def fp_sound_cost(sound: dict, plain: dict, clean_rank, query_labels, cand_label
   """Certified (query, K) claims (Eq. 25, two-sided) that the fp-sound widening costs.
 
   sound, plain: ``{"qa": RankBounds, "ca": RankBounds}`` from fp-sound and from
-  unwidened boxes. Returns ``{"qa": {"K": {"plain": n, "sound": n, "lost": n}}, "ca": ...}``
-  with counts of queries: certified by the plain bounds, by the sound ones, and
-  certified by the plain bounds but not by the sound ones.
+  unwidened boxes (or the streamed ``GalleryCertificates`` of ``_certify``). Returns
+  ``{"qa": {"K": {"plain": n, "sound": n, "lost": n}}, "ca": ...}`` with counts of
+  queries: certified by the plain bounds, by the sound ones, and certified by the plain
+  bounds but not by the sound ones.
   """
   out = {}
   for kind in ("qa", "ca"):
     out[kind] = {}
     for k in ks:
-      s = metrics.certified_queries(sound[kind], clean_rank, query_labels, cand_labels, k)
-      p = metrics.certified_queries(plain[kind], clean_rank, query_labels, cand_labels, k)
+      s, p = (b.queries(kind, k) if isinstance(b, gallery.GalleryCertificates) else
+              metrics.certified_queries(b, clean_rank, query_labels, cand_labels, k)
+              for b in (sound[kind], plain[kind]))
       out[kind][str(k)] = {"plain": int(p.sum()), "sound": int(s.sum()),
                            "lost": int((p & ~s).sum())}
   return out
@@ -201,15 +230,17 @@ def certify(config: ml_collections.ConfigDict, workdir: str, *,
   # contain the exact f(x) and every IEEE float32 evaluation of it.
   clean = (boxes(qx, 0.0, fp_sound=True), boxes(cx, 0.0, fp_sound=True)) if fp else None
   t1 = time.perf_counter()
+  dense = True if c.attack and c.audit else None   # the audits read dense rank bounds
   res, qa_bounds, ca_bounds, clean_rank = _certify(qf, qb, ql, cf, cb, cl, ks, fp_sound=fp,
-                                                   clean_boxes=clean)
+                                                   clean_boxes=clean, dense=dense)
   t2 = time.perf_counter()
   log(f"features and {c.bound_method} boxes: {t1 - t0:.1f}s; rank bounds and metrics: "
       f"{t2 - t1:.1f}s")
   seconds = {"features_and_boxes": t1 - t0, "certify": t2 - t1}
   fp_cost = None
   if fp:
-    _, plain_qa, plain_ca, _ = _certify(qf, boxes(qx, eps), ql, cf, boxes(cx, eps), cl, ks)
+    _, plain_qa, plain_ca, _ = _certify(qf, boxes(qx, eps), ql, cf, boxes(cx, eps), cl, ks,
+                                        dense=dense)
     fp_cost = fp_sound_cost({"qa": qa_bounds, "ca": ca_bounds},
                             {"qa": plain_qa, "ca": plain_ca}, clean_rank, ql, cl, ks)
     seconds["fp_sound_cost"] = time.perf_counter() - t2

@@ -40,7 +40,7 @@ from jaxcert import distance, validate
 from jaxcert.interval import Interval
 
 QUERY_CHUNK = 32
-CAND_CHUNK = 4096
+CAND_CHUNK = 512
 KINDS = ("qa", "qa_one_sided", "ca", "ca_one_sided")
 _COUNT_BY_COMPARISON = 64   # K up to this: count by comparison, beyond: sort and search
 
@@ -89,9 +89,20 @@ def _check_chunk(value, name: str) -> int:
 
 
 def _check_finite(x, name: str) -> None:
-  if not np.all(np.isfinite(np.asarray(x))):
+  x = np.asarray(x)
+  # a float64 sum of float32 values cannot overflow: finite iff every value is, without
+  # an [N, d] temporary; only a non-finite sum needs the elementwise check
+  if not np.isfinite(np.sum(x, dtype=np.float64)) and not np.all(np.isfinite(x)):
     raise ValueError(f"{name} holds NaN or infinite values; features and boxes must be "
                      "finite")
+
+
+def _device(x) -> jax.Array:
+  """x as a float32 device array: as is when it already is one; a host array is copied
+  (on CPU JAX aliases it instead when it happens to be 64-byte aligned)."""
+  if isinstance(x, jax.Array):
+    return x.astype(jnp.float32)
+  return jax.device_put(np.ascontiguousarray(x, np.float32), may_alias=True)
 
 
 def _ends(x):
@@ -126,26 +137,29 @@ def _pair_values(q, c, distinct, fp_sound: bool, clean_boxes: bool):
   return tuple(out)
 
 
-def _count(sel_u, sel_l, u, l, valid, kmax: int):
-  """Per kept candidate s: #{valid c : l[c] <= sel_u[s]} and #{valid c : u[c] < sel_l[s]}.
+def _count(sel_up, sel_lo, up, lo, valid, kmax: int):
+  """Per kept candidate s: ``#{valid c : lo[c] <= sel_up[s]}`` and
+  ``#{valid c : up[c] < sel_lo[s]}``.
 
-  sel_u, sel_l [qc, K]; u, l [qc, nc]; valid bool [nc]. Exact counts either way.
+  sel_up, sel_lo [qc, K]: bounds of the kept candidates; up, lo [qc, nc]: bounds of a
+  chunk; valid bool [nc]. Exact counts either way.
   """
   if kmax <= _COUNT_BY_COMPARISON:
-    up = jnp.sum((l[:, None, :] <= sel_u[:, :, None]) & valid, axis=-1, dtype=jnp.int32)
-    lo = jnp.sum((u[:, None, :] < sel_l[:, :, None]) & valid, axis=-1, dtype=jnp.int32)
-    return up, lo
+    n_up = jnp.sum((lo[:, None, :] <= sel_up[:, :, None]) & valid, axis=-1, dtype=jnp.int32)
+    n_lo = jnp.sum((up[:, None, :] < sel_lo[:, :, None]) & valid, axis=-1, dtype=jnp.int32)
+    return n_up, n_lo
 
-  def per_query(su, sl, u, l):
-    # sorted kept values t: c counts for every t >= p(c); p = K drops invalid c
-    ou, ol = jnp.argsort(su), jnp.argsort(sl)
-    p_up = jnp.where(valid, jnp.searchsorted(su[ou], l, side="left"), kmax)
-    p_lo = jnp.where(valid, jnp.searchsorted(sl[ol], u, side="right"), kmax)
-    hist = lambda p: jnp.cumsum(jnp.zeros(kmax + 1, jnp.int32).at[p].add(1))[:kmax]
+  def per_query(s_up, s_lo, up, lo):
+    # with the kept values sorted, c counts for every sorted position t >= p(c);
+    # p = K drops invalid c
+    o_up, o_lo = jnp.argsort(s_up), jnp.argsort(s_lo)
+    p_up = jnp.where(valid, jnp.searchsorted(s_up[o_up], lo, side="left"), kmax)
+    p_lo = jnp.where(valid, jnp.searchsorted(s_lo[o_lo], up, side="right"), kmax)
+    cum = lambda p: jnp.cumsum(jnp.zeros(kmax + 1, jnp.int32).at[p].add(1))[:kmax]
     unsort = lambda h, o: jnp.zeros(kmax, jnp.int32).at[o].set(h)
-    return unsort(hist(p_up), ou), unsort(hist(p_lo), ol)
+    return unsort(cum(p_up), o_up), unsort(cum(p_lo), o_lo)
 
-  return jax.vmap(per_query)(sel_u, sel_l, u, l)
+  return jax.vmap(per_query)(sel_up, sel_lo, up, lo)
 
 
 @functools.partial(jax.jit, static_argnames=("n", "nc", "ks", "fp_sound", "clean_boxes"))
@@ -234,9 +248,12 @@ def certify_gallery(query_features, query_boxes: Interval, query_labels, cand_fe
   ``clean_boxes`` (query [Q, d], candidate [N, d]): boxes around the clean features
   used in the distance bounds in place of the points (the clean ranking still uses
   the points). ``query_chunk`` queries and ``cand_chunk`` candidates are processed at a
-  time: the working set is a few ``query_chunk x cand_chunk x max(1, K / 16)`` arrays,
-  independent of Q and N. Results do not depend on the chunk sizes.
-  ``.metrics()`` of the result equals ``certify_features``' dict.
+  time: besides the inputs (host arrays are copied to the device once, as float32),
+  the working set is a few ``query_chunk x cand_chunk x max(d, K)`` arrays, independent
+  of Q and N. ``.metrics()`` of the result equals ``certify_features``' dict and the
+  per-query sets equal the dense ones, for any chunk sizes (tested; in float terms each
+  distance is the same XLA reduction as in the dense path, whose summation order XLA
+  can change for a chunk of fewer than about 32 pairs, moving a distance by an ulp).
   """
   qc, nc = _check_chunk(query_chunk, "query_chunk"), _check_chunk(cand_chunk, "cand_chunk")
   q, n = len(query_features), len(cand_features)
@@ -262,9 +279,15 @@ def certify_gallery(query_features, query_boxes: Interval, query_labels, cand_fe
     return GalleryCertificates(ks, np.zeros(0, np.int32),
                                {kind: np.zeros((0, len(ks)), bool) for kind in KINDS})
 
+  memo = {}   # one device array per distinct input (the features double as points)
+
+  def dev(x):
+    if id(x) not in memo:
+      memo[id(x)] = _device(x)
+    return memo[id(x)]
+
   def arrays(feat, box, pts):
-    f32 = lambda x: jnp.asarray(x, jnp.float32)
-    return (f32(feat), f32(box.lower), f32(box.upper), *(f32(e) for e in _ends(pts)))
+    return (dev(feat), dev(box.lower), dev(box.upper), *(dev(e) for e in _ends(pts)))
 
   qpts, cpts = clean_boxes if clean_boxes is not None else (query_features, cand_features)
   c = arrays(cand_features, cand_boxes, cpts)

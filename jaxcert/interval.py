@@ -297,6 +297,43 @@ _MONOTONE_CALLS = frozenset({"relu", "relu6", "softplus", "logaddexp", "sigmoid"
                              "log_sigmoid", "hard_tanh", "selu", "hard_sigmoid"})
 
 
+def _library_functions() -> dict[str, Callable[..., Any]]:
+  return {"relu": jax.nn.relu, "relu6": jax.nn.relu6, "softplus": jax.nn.softplus,
+          "logaddexp": jnp.logaddexp, "sigmoid": jax.nn.sigmoid,
+          "log_sigmoid": jax.nn.log_sigmoid, "hard_tanh": jax.nn.hard_tanh,
+          "selu": jax.nn.selu, "hard_sigmoid": jax.nn.hard_sigmoid}
+
+
+@functools.lru_cache(maxsize=512)
+def _library_jaxprs(name: str, avals: tuple) -> frozenset[str]:
+  """Printed jaxprs (the whole trace and every nested call body) of jax's own ``name``."""
+  fn = _library_functions()[name]
+  try:
+    ref = jax.make_jaxpr(fn)(*[jax.ShapeDtypeStruct(s, d) for s, d in avals])
+  except Exception:  # noqa: BLE001 -- any failure: not the library function
+    return frozenset()
+  out, todo = set(), [ref.jaxpr]
+  while todo:
+    j = todo.pop()
+    out.add(str(j))
+    for e in j.eqns:
+      for key in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
+        sub = e.params.get(key)
+        if sub is not None:
+          todo.append(sub.jaxpr if isinstance(sub, jex_core.ClosedJaxpr) else sub)
+  return frozenset(out)
+
+
+def is_library_call(name: str | None, closed: "jex_core.ClosedJaxpr") -> bool:
+  """True iff a call named ``name`` has exactly the body of jax's own function of that
+  name (``jax.nn.relu``, ...) at these input shapes. A user function that merely has
+  the name (``@jax.jit def relu(x, b): ...``) is interpreted rule by rule instead."""
+  if name not in _MONOTONE_CALLS or closed.consts:
+    return False
+  avals = tuple((tuple(v.aval.shape), v.aval.dtype) for v in closed.jaxpr.invars)
+  return str(closed.jaxpr) in _library_jaxprs(name, avals)
+
+
 def _call(prim, invals, params, *, fp_sound: bool = False):
   """Nested jit / custom_jvp / custom_vjp / closed calls: recurse."""
   for key in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
@@ -310,7 +347,7 @@ def _call(prim, invals, params, *, fp_sound: bool = False):
   else:
     closed = jex_core.ClosedJaxpr(sub, ())
   name = params.get("name")
-  if name in _MONOTONE_CALLS:
+  if is_library_call(name, closed):
     fn = jex_core.jaxpr_as_fun(closed)
     if not fp_sound:
       lo, hi = fn(*[_lo(v) for v in invals]), fn(*[_hi(v) for v in invals])

@@ -64,7 +64,7 @@ import numpy as np
 from jax import lax
 from jax.extend import core as jex_core
 
-from jaxcert.interval import Interval, ibp
+from jaxcert.interval import Interval, ibp, is_library_call
 
 METHODS = ("ibp", "crown_ibp", "crown")
 
@@ -108,7 +108,7 @@ class _Graph:
     self.alias: dict = {}
     self._scopes = itertools.count(1)
     top = 0
-    for v, c in zip(closed.jaxpr.constvars, closed.consts):
+    for v, c in zip(closed.jaxpr.constvars, closed.consts, strict=True):
       self.consts[(top, v)] = c
     self._flatten(closed.jaxpr, top)
     self.invars = [(top, v) for v in closed.jaxpr.invars]
@@ -129,19 +129,20 @@ class _Graph:
       outs = [(scope, v) for v in eqn.outvars]
       name = eqn.params.get("name")
       sub = _call_jaxpr(eqn) if eqn.primitive.name in _CALLS else None
-      if sub is not None and name != "relu":
+      is_relu = (sub is not None and name == "relu" and len(eqn.invars) == 1
+                 and is_library_call("relu", sub))
+      if sub is not None and not is_relu:
         inner = next(self._scopes)
-        for v, c in zip(sub.jaxpr.constvars, sub.consts):
+        for v, c in zip(sub.jaxpr.constvars, sub.consts, strict=True):
           self.consts[(inner, v)] = c
-        for v, k in zip(sub.jaxpr.invars, ins):
+        for v, k in zip(sub.jaxpr.invars, ins, strict=True):
           self.alias[(inner, v)] = k
         self._flatten(sub.jaxpr, inner)
-        for v, w in zip(eqn.outvars, sub.jaxpr.outvars):
+        for v, w in zip(eqn.outvars, sub.jaxpr.outvars, strict=True):
           if not isinstance(v, jex_core.DropVar):
             self.alias[(scope, v)] = self.resolve(self._key(inner, w))
         continue
-      self.eqns.append(_Eqn(eqn.primitive, eqn.params, ins, outs,
-                            is_relu=sub is not None and name == "relu"))
+      self.eqns.append(_Eqn(eqn.primitive, eqn.params, ins, outs, is_relu=is_relu))
 
 
 def _bind(eqn: _Eqn, invals):
@@ -190,7 +191,7 @@ class _Network:
           for k in e.outs:
             data.add(k)
           continue
-        for k, v in zip(e.outs, _bind(e, [val(k) for k in e.ins])):
+        for k, v in zip(e.outs, _bind(e, [val(k) for k in e.ins]), strict=True):
           env[k] = v
     self._consts = env
     self._data = data
@@ -242,8 +243,13 @@ class _Network:
       ok = not any(bounded[1:])
     elif name == "pad":
       ok = not bounded[1]
-    elif name == "convert_element_type":   # float -> float only (to int would round)
-      ok = jnp.issubdtype(e.params["new_dtype"], jnp.floating)
+    elif name == "convert_element_type":   # widening float casts only (others round)
+      old = e.ins[0][1].aval.dtype if not isinstance(e.ins[0], jex_core.Literal) else None
+      new = e.params["new_dtype"]
+      ok = (old is not None and jnp.issubdtype(new, jnp.floating)
+            and jnp.issubdtype(old, jnp.floating)
+            and jnp.finfo(new).bits >= jnp.finfo(old).bits
+            and jnp.finfo(new).nmant >= jnp.finfo(old).nmant)
     if not ok:
       raise NotImplementedError(
           f"linear_bounds: primitive '{name}' on the input's path is not affine (or has "
@@ -258,7 +264,7 @@ class _Network:
       for e in seg.eqns:
         invals = [k.val if isinstance(k, jex_core.Literal) else
                   env[k] if k in env else self._consts[k] for k in e.ins]
-        for kk, v in zip(e.outs, _bind(e, invals)):
+        for kk, v in zip(e.outs, _bind(e, invals), strict=True):
           env[kk] = v
       return env[seg.out]
 
@@ -267,13 +273,14 @@ class _Network:
 
 def _relaxation(pre: Interval):
   """(a, s, t): ``a v <= relu(v) <= s v + t`` for every v in ``pre``."""
-  l, u = pre.lower, pre.upper
-  active, inactive = l >= 0, u <= 0
+  lo, up = pre.lower, pre.upper
+  active, inactive = lo >= 0, up <= 0
   unstable = ~active & ~inactive
-  width = jnp.where(unstable, u - l, 1.0)
-  s = jnp.where(active, 1.0, jnp.where(unstable, u / width, 0.0))
-  t = jnp.where(unstable, -l * u / width, 0.0)
-  a = jnp.where(active, 1.0, jnp.where(unstable, (u > -l).astype(l.dtype), 0.0))
+  width = jnp.where(unstable, up - lo, 1.0)
+  s = jnp.where(active, 1.0, jnp.where(unstable, up / width, 0.0))
+  t = jnp.where(unstable, s * (-lo), 0.0)   # = -lo up / (up - lo); never underflows to 0
+                                            # while s up does not (review finding)
+  a = jnp.where(active, 1.0, jnp.where(unstable, (up > -lo).astype(lo.dtype), 0.0))
   return a, s, t
 
 
@@ -328,7 +335,9 @@ def _box_by_backsubstitution(affine, pre, box0, m, shape, row_chunk, stop=0):
   low = lax.map(block, jnp.arange(num_chunks)).reshape(num_chunks * chunk, b)[:rows]
   lower = low[:n].T.reshape(shape)
   upper = -low[n:].T.reshape(shape)
-  return Interval(lower, upper)
+  # Overflow (inf / inf in a relaxation) gives NaN: replace it by the trivial bound.
+  return Interval(jnp.where(jnp.isnan(lower), -jnp.inf, lower),
+                  jnp.where(jnp.isnan(upper), jnp.inf, upper))
 
 
 def _intersect(a: Interval, b: Interval) -> Interval:
@@ -365,6 +374,39 @@ def _bounds_one(net: _Network, box0: Interval, method: str, row_chunk: int,
   return _intersect(out, out_ibp) if intersect_ibp else out
 
 
+def check_batch_independent(fn: Callable[[jax.Array], jax.Array], x) -> bool | None:
+  """Raises ValueError if ``fn`` mixes the examples of a batch (e.g. a batch mean).
+
+  Linear bounds are computed one example at a time, which bounds ``fn`` on a batch of
+  one; a function whose output for example 1 depends on example 0 is then not what
+  the box describes. Checked with one JVP at a random batch of two examples shaped like
+  ``x`` (pixels in [0, 1]; a tangent on example 0 only
+  must leave example 1's output unchanged). Returns True when checked, None when it
+  cannot be decided here (fewer than 2 examples, or ``fn`` closes over traced values).
+  """
+  x = jnp.asarray(x)
+  if x.ndim < 1 or x.shape[0] < 2 or isinstance(x, jax.core.Tracer):
+    return None
+  # A random point (not x itself: identical examples or kinks could hide a dependence).
+  k1, k2 = jax.random.split(jax.random.key(0))
+  x = jax.random.uniform(k1, (2,) + x.shape[1:], x.dtype)
+  tangent = jnp.zeros_like(x).at[0].set(jax.random.normal(k2, x.shape[1:], x.dtype))
+  try:
+    with jax.ensure_compile_time_eval():
+      _, out = jax.jvp(fn, (x,), (tangent,))
+      leak = float(jnp.max(jnp.abs(out[1])))
+  except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError,
+          TypeError):
+    return None
+  if leak != 0.0:
+    raise ValueError(
+        "fn mixes the examples of a batch (its output for one example changes with "
+        f"another example's input, by {leak:.3g} per unit tangent): linear bounds bound "
+        "each example on its own, so they do not describe this function -- make the "
+        "model per-example (e.g. BatchNorm in inference mode) or use IBP")
+  return True
+
+
 def linear_bounds(fn: Callable[[jax.Array], jax.Array], method: str = "crown_ibp", *,
                   image_chunk: int = 8, row_chunk: int = 512,
                   intersect_ibp: bool = True,
@@ -372,10 +414,11 @@ def linear_bounds(fn: Callable[[jax.Array], jax.Array], method: str = "crown_ibp
   """Bound transform: ``linear_bounds(fn, method)(box)`` bounds ``fn(x)`` for x in box.
 
   fn: maps a batch ``[B, ...]`` to ``[B, ...]`` with each example independent of the
-  others (as a feature extractor in inference mode is). method: ``"ibp"``,
+  others (as a feature extractor in inference mode is; checked by
+  :func:`check_batch_independent` whenever ``fn`` and the box are concrete). method: ``"ibp"``,
   ``"crown_ibp"`` or ``"crown"`` (module docstring). box: Interval ``[B, ...]``.
   ``image_chunk`` examples are bounded at a time and ``row_chunk`` backward rows per
-  pass, which bounds memory. ``depth`` (CROWN-IBP only): back-substitute the output's
+  pass, which bounds memory. ``depth``: back-substitute the output's
   bounds through the last ``depth`` affine layers only and bound the rest by IBP's box
   there (``None``: down to the input) -- a cheaper, looser bound for training.
   Returns an Interval with ``fn``'s output shape. Works under ``jax.jit`` and is
@@ -400,6 +443,7 @@ def linear_bounds(fn: Callable[[jax.Array], jax.Array], method: str = "crown_ibp
     one = jax.ShapeDtypeStruct((1,) + tuple(jnp.shape(box.lower)[1:]),
                                jnp.result_type(box.lower))
     net = _Network(fn, one)
+    check_batch_independent(fn, box.center)
 
     def per_example(lu):
       lo, up = lu

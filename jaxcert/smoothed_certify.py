@@ -181,12 +181,12 @@ def _certify_and_report(config, arrays: dict, meta: dict, t_q: float, t_g: float
       "per_query": [
           {"index": int(qi), "label": int(lb), "score": int(sc), "margin": _num(mg),
            "paper_radius": _num(pr),
-           "halfspace_radius": {str(k): _num(h) for k, h in zip(ks, hrow)},
-           **({"halfspace_eb_radius": {str(k): _num(h) for k, h in zip(ks, erow)}}
+           "halfspace_radius": {str(k): _num(h) for k, h in zip(ks, hrow, strict=True)},
+           **({"halfspace_eb_radius": {str(k): _num(h) for k, h in zip(ks, erow, strict=True)}}
               if erow is not None else {})}
           for qi, lb, sc, mg, pr, hrow, erow in zip(
               q_idx, ql, cert["score"], cert["margin"], cert["paper_radius"], hs,
-              cert.get("halfspace_eb_radius", [None] * len(q_idx)))],
+              cert.get("halfspace_eb_radius", [None] * len(q_idx)), strict=True)],
       "seconds": seconds,
       "samples_per_second": meta["samples_per_second"],
       "config": config.to_dict(),

@@ -44,6 +44,7 @@ Assumptions shared by all of them (stated once, checked where possible):
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import time
@@ -69,6 +70,7 @@ _F_SLACK = 1e-5
 _U32 = 2.0 ** -24
 _GEOM_SLACK = 1e-7      # |error| of u.z and c from float64 rounding, in units of F
 _NEAR = 1e-6            # ||b - a||^2 < _NEAR (||a||^2 + ||b||^2): recompute from b - a
+GALLERY_CHUNK = 4096    # gallery items compared with a batch of queries at a time
 
 
 # ---------------------------------------------------------------- Monte Carlo
@@ -116,9 +118,10 @@ def _sum_fn(apply, sigma: float, bound: float, covariance: bool,
   Sample ``s`` of an image keyed ``k`` uses ``normal(fold_in(k, s))``: the noise
   of a sample depends only on (image key, sample index), not on the chunking or on
   the devices. On the (images, samples) ``mesh`` (:func:`_sample_mesh`) each device
-  takes its share of the q images and an equal slice of the chunk's sample indices, and ``psum`` adds the partial sums over ``samples`` (a
-  different summation order of the same float32 terms, so the chunk-size rounding
-  slack of the module doc still covers it).
+  takes its share of the q images and an equal slice of the chunk's sample indices,
+  and ``psum`` adds the partial sums over ``samples`` (a different summation order of
+  the same float32 terms, so the chunk-size rounding slack of the module doc still
+  covers it).
   """
   sample_shards = mesh.shape["samples"]
 
@@ -268,15 +271,26 @@ def lipschitz_bound(r, sigma: float, norm_bound: float):
 
 
 def minimum_margin(z: np.ndarray, query_labels: np.ndarray, gallery: np.ndarray,
-                   gallery_labels: np.ndarray) -> np.ndarray:
+                   gallery_labels: np.ndarray, *, query_chunk: int = 256,
+                   gallery_chunk: int = GALLERY_CHUNK) -> np.ndarray:
   """Def. 3.1: M = min_{b in B-} ||z - b|| - min_{a in B+} ||z - a|| per query, [Q].
 
   +inf when the gallery has no other-class item, -inf when it has no same-class item.
+  Memory: ``query_chunk x gallery_chunk`` distances at a time.
   """
-  dist = _distances(z, gallery)
-  same = np.asarray(query_labels)[:, None] == np.asarray(gallery_labels)[None, :]
-  pos = np.where(same, dist, np.inf).min(axis=1)
-  neg = np.where(same, np.inf, dist).min(axis=1)
+  qc = _check_positive(query_chunk, "query_chunk", integer=True)
+  gc = _check_positive(gallery_chunk, "gallery_chunk", integer=True)
+  z, gallery = np.asarray(z), np.asarray(gallery)
+  ql, gl = np.asarray(query_labels), np.asarray(gallery_labels)
+  pos = np.full(len(z), np.inf)
+  neg = np.full(len(z), np.inf)
+  for lo in range(0, len(z), qc):
+    rows = slice(lo, lo + qc)
+    for g0 in range(0, len(gallery), gc):
+      dist = _distances(z[rows], gallery[g0:g0 + gc])
+      same = ql[rows, None] == gl[None, g0:g0 + gc]
+      pos[rows] = np.minimum(pos[rows], np.where(same, dist, np.inf).min(axis=1))
+      neg[rows] = np.minimum(neg[rows], np.where(same, np.inf, dist).min(axis=1))
   with np.errstate(invalid="ignore"):
     return np.where(np.isinf(pos), -np.inf, neg - pos)
 
@@ -307,7 +321,8 @@ def halfspace_radii(z: np.ndarray, query_labels: np.ndarray, gallery: np.ndarray
                     norm_bound: float, t: float, max_positives: int = 32,
                     batch: int = 64, cov: np.ndarray | None = None,
                     num_samples: int | None = None, rho_eb: float | None = None,
-                    chunk_size: int = 1000) -> np.ndarray:
+                    chunk_size: int = 1000,
+                    gallery_chunk: int = GALLERY_CHUNK) -> np.ndarray:
   """Certified top-K radii from half-spaces, fixed gallery only. [Q, len(ks)].
 
   Claim (MATH.md C): for a same-class gallery vector ``a`` and another-class ``b``,
@@ -337,6 +352,12 @@ def halfspace_radii(z: np.ndarray, query_labels: np.ndarray, gallery: np.ndarray
   query's certificate holds with probability ``>= 1 - rho_t - rho_eb``. When the
   samples vary little along ``u`` (most directions: ``E||f - g||^2 <= F^2`` is
   spread over d dimensions) ``e_ab`` is several times smaller than ``t``.
+
+  Memory: the gallery is streamed ``gallery_chunk`` items at a time for ``batch``
+  queries (fewer when ``batch x max_positives x gallery_chunk`` exceeds 2e6), keeping
+  per (query, positive) only the ``max(ks)`` smallest ``R_ab`` seen: no array grows
+  with the gallery size. The result does not depend on ``gallery_chunk`` or ``batch``
+  beyond float64 rounding of the dot products (covered by the geometry slack).
   """
   z = np.asarray(z, np.float64)
   gal = np.asarray(gallery, np.float64)
@@ -355,29 +376,82 @@ def halfspace_radii(z: np.ndarray, query_labels: np.ndarray, gallery: np.ndarray
     rho_eb = _check_rho(rho_eb, "rho_eb")
     var_slack = 4.0 * (min(chunk_size, n_s) + 2) * _U32 * f * f * n_s / (n_s - 1)
     mean_slack = (min(chunk_size, n_s) + 2) * _U32 * f
-  sq = np.sum(gal * gal, axis=1)
+  gc = min(_check_positive(gallery_chunk, "gallery_chunk", integer=True), len(gal))
+  batch = _check_positive(batch, "batch", integer=True)
+  geometry = _PairGeometry(gal, gl, np.sum(gal * gal, axis=1), f, slack, sigma)
   out = np.empty((len(z), len(ks)))
   m = min(max_positives, len(gal))
-  batch = max(1, min(batch, 2_000_000 // (m * len(gal))))
+  kmax = max(ks)
+  batch = max(1, min(batch, 2_000_000 // (m * gc)))
   for lo in range(0, len(z), batch):
     zb, lb = z[lo:lo + batch], ql[lo:lo + batch]
-    same = lb[:, None] == gl[None, :]                                  # [q, N]
-    dist = _distances(zb, gal)
-    pos = np.argsort(np.where(same, dist, np.inf), axis=1)[:, :m]     # [q, m]
-    pos_ok = np.take_along_axis(same, pos, axis=1)                     # [q, m]
+    pos, pos_ok, npos = _nearest_positives(zb, lb, gal, gl, m, gc)
     a = gal[pos]                                                       # [q, m, d]
-    ab = np.einsum("qmd,nd->qmn", a, gal)                              # a.b
-    sa = sq[pos][..., None]                                            # ||a||^2
-    sb = sq[None, None, :]
+    eb = None
+    if cov is not None:
+      cb = cov[lo:lo + batch]
+      pairs = np.maximum(npos * (len(gal) - npos), 1)[:, None, None]
+      eb = (cb, np.log(2.0 * pairs / rho_eb), n_s, var_slack, mean_slack)
+    smallest = np.full((len(zb), m, kmax), np.inf)   # the kmax smallest R_ab so far
+    for g0 in range(0, len(gal), gc):
+      r = geometry.radii(zb, lb, a, pos, slice(g0, g0 + gc), t, eb)   # [q, m, gc]
+      smallest = np.partition(np.concatenate([smallest, r], axis=2), kmax - 1,
+                              axis=2)[:, :, :kmax]
+    smallest = np.sort(smallest, axis=2)
+    for j, k in enumerate(ks):
+      kth = smallest[:, :, k - 1]                                        # [q, m]
+      out[lo:lo + batch, j] = np.where(pos_ok, kth, -np.inf).max(axis=1)
+  return out
+
+
+def _nearest_positives(zb, lb, gal, gl, m: int, gc: int):
+  """The m nearest same-class gallery items of each query (ties to the lower index),
+  streamed over gallery chunks. Returns (index [q, m], is a same-class item [q, m],
+  number of same-class items [q])."""
+  best_d = np.full((len(zb), m), np.inf)
+  best_i = np.zeros((len(zb), m), np.int64)
+  npos = np.zeros(len(zb), np.int64)
+  for g0 in range(0, len(gal), gc):
+    same = lb[:, None] == gl[None, g0:g0 + gc]
+    npos += same.sum(axis=1)
+    dist = np.where(same, _distances(zb, gal[g0:g0 + gc]), np.inf)
+    cat_d = np.concatenate([best_d, dist], axis=1)
+    cat_i = np.concatenate([best_i, np.broadcast_to(np.arange(g0, g0 + dist.shape[1]),
+                                                     dist.shape)], axis=1)
+    order = np.argsort(cat_d, axis=1, kind="stable")[:, :m]   # kept ones come first
+    best_d = np.take_along_axis(cat_d, order, axis=1)
+    best_i = np.take_along_axis(cat_i, order, axis=1)
+  return best_i, np.isfinite(best_d), npos
+
+
+@dataclasses.dataclass(frozen=True)
+class _PairGeometry:
+  """R_ab of :func:`halfspace_radii` for (query, positive a, gallery chunk b) triples."""
+
+  gal: np.ndarray        # [N, d] float64
+  labels: np.ndarray     # [N]
+  sq: np.ndarray         # [N] ||b||^2
+  f: float               # F with its float slack
+  slack: float           # geometry slack, units of F
+  sigma: float
+
+  def radii(self, zb, lb, a, pos, cols: slice, t: float, eb) -> np.ndarray:
+    """[q, m, gc]: R_ab (MATH.md C); -inf where not certified, +inf for same-class b."""
+    gal, f, slack = self.gal[cols], self.f, self.slack
+    q, m, d = a.shape
+    same = lb[:, None] == self.labels[None, cols]                     # [q, gc]
+    ab = (a.reshape(q * m, d) @ gal.T).reshape(q, m, -1)               # a.b
+    sa = self.sq[pos][..., None]                                       # ||a||^2
+    sb = self.sq[None, None, cols]
     nrm = np.sqrt(np.maximum(sa + sb - 2.0 * ab, 0.0))                 # ||b - a||
     za = np.einsum("qd,qmd->qm", zb, a)[..., None]
     zg = (zb @ gal.T)[:, None, :]
-    if cov is not None:
-      cb = cov[lo:lo + batch]
-      g_c = np.einsum("nd,qde->qne", gal, cb)                          # Sigma b
-      vq = (np.einsum("qne,ne->qn", g_c, gal)[:, None, :]               # (b-a)' S (b-a)
-            - 2.0 * np.einsum("qmd,qnd->qmn", a, g_c)
-            + np.einsum("qmd,qde,qme->qm", a, cb, a)[..., None])
+    if eb is not None:
+      cb, lg, n_s, var_slack, mean_slack = eb
+      s_a = np.einsum("qde,qme->qmd", cb, a)                           # Sigma a
+      b_s_b = np.stack([np.sum((gal @ c) * gal, axis=1) for c in cb])[:, None, :]
+      vq = (b_s_b - 2.0 * (s_a @ gal.T)                                  # (b-a)' S (b-a)
+            + np.einsum("qmd,qmd->qm", a, s_a)[..., None])
     with np.errstate(divide="ignore", invalid="ignore"):
       s = (zg - za) / nrm                                              # u.z_hat
       c = (sb - sa) / (2.0 * nrm)
@@ -389,28 +463,20 @@ def halfspace_radii(z: np.ndarray, query_labels: np.ndarray, gallery: np.ndarray
         nrm[qi, mi, ni] = nv
         s[qi, mi, ni] = (v @ zb[qi]) / nv
         c[qi, mi, ni] = (v @ (0.5 * (av + bv))) / nv
-        if cov is not None:
+        if eb is not None:
           vq[qi, mi, ni] = v @ cb[qi] @ v
       dev = t
-      if cov is not None:
+      if eb is not None:
         var = np.maximum(vq / (nrm * nrm), 0.0) + var_slack             # u' S u
-        npos = same.sum(axis=1)
-        pairs = np.maximum(npos * (len(gal) - npos), 1)[:, None, None]
-        lg = np.log(2.0 * pairs / rho_eb)
-        eb = (np.sqrt(2.0 * var * lg / n_s) + 14.0 * f * lg / (3.0 * (n_s - 1))
-              + mean_slack)
-        dev = np.minimum(t, np.where(np.isfinite(eb), eb, t))
+        e = (np.sqrt(2.0 * var * lg / n_s) + 14.0 * f * lg / (3.0 * (n_s - 1))
+             + mean_slack)
+        dev = np.minimum(t, np.where(np.isfinite(e), e, t))
       p_lo = np.clip((f - (s + slack) - dev) / (2.0 * f), 0.0, 1.0)
       p_th = np.clip((f - (c - slack)) / (2.0 * f), 0.0, 1.0)
-      r = sigma * (special.ndtri(p_lo) - special.ndtri(p_th))
+      r = self.sigma * (special.ndtri(p_lo) - special.ndtri(p_th))
     r = np.where((p_lo <= 0.0) | (p_th >= 1.0) | (nrm <= 0.0), -np.inf, r)
     r = np.where(np.isnan(r), -np.inf, r)
-    r = np.where(same[:, None, :], np.inf, r)          # same-class items never hurt
-    r = np.sort(r, axis=2)
-    for j, k in enumerate(ks):
-      kth = r[:, :, k - 1]                                                # [q, m]
-      out[lo:lo + batch, j] = np.where(pos_ok, kth, -np.inf).max(axis=1)
-  return out
+    return np.where(same[:, None, :], np.inf, r)       # same-class items never hurt
 
 
 # ---------------------------------------------------------------- per query

@@ -355,8 +355,9 @@ def make_train_step(apply, optimizer: optax.GradientTransformation, method: str,
     """One device's share: its rows of ``batch``; ``state`` replicated."""
     trainable = _trainable(state)
     if method == "act":   # the attack is not differentiated through
-      batch = dict(batch, images=act_images(state["params"], batch["images"], eps,
-                                            batch.pop("start")))
+      batch = dict(batch)
+      start = batch.pop("start")
+      batch["images"] = act_images(state["params"], batch["images"], eps, start)
     # each device's own gradient (check_vma=False: no implicit psum), averaged here
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         trainable, batch, eps, kappa)
@@ -372,19 +373,19 @@ def make_train_step(apply, optimizer: optax.GradientTransformation, method: str,
     if size % devices:
       raise ValueError(f"the batch of {size} examples must be divisible by the "
                        f"{devices} devices of the mesh (config.train.batch_size)")
-    rows = lambda x, axis=0: jax.lax.with_sharding_constraint(
-        x, NamedSharding(mesh, parallel.batch_spec(x.ndim, axis)))
+    by_rows = lambda x: jax.lax.with_sharding_constraint(   # [B, ...] split over devices
+        x, NamedSharding(mesh, parallel.batch_spec(x.ndim)))
     images = batch["images"]
     batch = dict(batch, step=state["step"])
     key = jax.random.fold_in(jax.random.key(seed), state["step"])
     if method == "gdml":   # noise of the whole batch, drawn row-sharded
       noise = jax.random.normal(jax.random.fold_in(key, 1), images.shape, images.dtype)
-      batch["images"] = images + cfg.noise_sigma * rows(noise)
+      batch["images"] = images + cfg.noise_sigma * by_rows(noise)
     if method == "act":    # pgd's random start (its key split), for the whole batch
       pn = jnp.stack([images[1], images[2]], axis=1)
       lo, hi = jnp.clip(pn - eps, 0.0, 1.0), jnp.clip(pn + eps, 0.0, 1.0)
-      batch["start"] = rows(jax.random.uniform(jax.random.split(key)[1], pn.shape,
-                                               pn.dtype, lo, hi))
+      batch["start"] = by_rows(jax.random.uniform(jax.random.split(key)[1], pn.shape,
+                                                  pn.dtype, lo, hi))
     if devices == 1:   # the same computation without the per-device wrapper
       return device_step(state, batch, eps, kappa)
     specs = {k: (P() if k == "step" else

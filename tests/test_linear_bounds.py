@@ -17,12 +17,12 @@ DN = ("NHWC", "HWIO", "NHWC")
 def random_mlp(key, sizes=(6, 20, 20, 5), scale=1.0):
   ks = jax.random.split(key, 2 * len(sizes))
   ws = [jax.random.normal(ks[2 * i], (a, b)) * scale / np.sqrt(a)
-        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:]))]
+        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True))]
   bs = [jax.random.normal(ks[2 * i + 1], (b,)) * 0.1 for i, b in enumerate(sizes[1:])]
 
   def f(x):
     h = (x - 0.4) / 0.3
-    for w, b in zip(ws[:-1], bs[:-1]):
+    for w, b in zip(ws[:-1], bs[:-1], strict=True):
       h = jax.nn.relu(h @ w + b)
     return h @ ws[-1] + bs[-1]
 
@@ -304,3 +304,48 @@ def test_tbt_training_with_crown_ibp_bounds():
   c.train.method = "triplet"
   with pytest.raises(ValueError, match="only affects"):
     training.check_config(c)
+
+
+def test_review_findings_stay_fixed():
+  """Cases an adversarial review found; each gave a box that missed the true value."""
+  k = jax.random.split(jax.random.key(20), 3)
+  w, v = jax.random.normal(k[0], (3, 4)), jax.random.normal(k[1], (4, 2))
+  box = input_box(jnp.full((2, 3), 0.5), 0.1)
+  pts = jax.random.uniform(k[2], (500, 2, 3), minval=box.lower, maxval=box.upper)
+
+  # A user function that is merely *named* relu (with a bias argument) is not a ReLU.
+  @jax.jit
+  def relu(x, bias):
+    return jnp.maximum(x + bias, 0)
+  f = lambda z: relu(z @ w, 5.0) @ v
+  for method in ("crown_ibp", "crown"):
+    assert_contains(linear_bounds(f, method)(box), jax.vmap(f)(pts))
+
+  # ... and IBP does not trust the name of a non-monotone function either.
+  @jax.jit
+  def relu(x):  # noqa: F811 -- deliberately shadows: the name is the point
+    return jnp.where(x > 0, x, -x)
+  g = lambda z: relu(z @ w) @ v
+  with pytest.raises(NotImplementedError):   # interpreted rule by rule: data-dependent select
+    ibp(g)(box)
+
+  # Batch-mixing functions are rejected, not silently bounded per example.
+  mix = lambda z: jax.nn.relu(z @ w - jnp.mean(z @ w, 0, keepdims=True)) @ v
+  with pytest.raises(ValueError, match="mixes the examples"):
+    linear_bounds(mix)(box)
+
+  # Tiny pre-activations: the chord's offset must not underflow to 0.
+  f2 = lambda z: jax.nn.relu(z @ (1e-22 * jnp.eye(2))) @ jnp.full((2, 1), 1e22)
+  b2 = linear_bounds(f2, "crown_ibp", intersect_ibp=False)(
+      Interval(-jnp.ones((1, 2)), jnp.ones((1, 2))))
+  assert float(b2.upper[0, 0]) >= 2.0 * (1 - 1e-5)
+
+  # Narrowing float casts round: not affine.
+  with pytest.raises(NotImplementedError, match="convert_element_type"):
+    linear_bounds(lambda z: jax.nn.relu((z @ w).astype(jnp.float16).astype(jnp.float32)) @ v)(
+        box)
+
+  # Overflow gives the trivial bound, never NaN.
+  big = lambda z: jax.nn.relu(z @ (1e19 * w)) @ (1e19 * v)
+  b3 = linear_bounds(big, "crown_ibp", intersect_ibp=False)(box)
+  assert not bool(jnp.any(jnp.isnan(b3.lower))) and not bool(jnp.any(jnp.isnan(b3.upper)))
