@@ -1,7 +1,7 @@
 """Time and peak memory of certification as the gallery grows (|C| = 1k, 10k, 100k).
 
   python bench/gallery_scaling.py [--queries=1000] [--sizes=1000,10000,100000]
-      [--dim=128] [--tasks=ibp,smoothing] [--smoothing_queries=1000] [--dense_max=10000]
+      [--dim=128] [--tasks=ibp,dense,smoothing] [--smoothing_queries=1000] [--dense_max=10000]
       [--fp_sound]
 
 Random features of the right shape (d = ``dim``, 10 classes), each (task, |C|) in a
@@ -22,7 +22,8 @@ fresh subprocess so that its peak RSS (``ru_maxrss``) is its own:
 Prints one table: seconds of the call, nanoseconds per (query, candidate) pair (flat =
 time linear in |Q| |C|), the inputs' own size, the call's working memory (peak RSS
 during the call minus RSS before it, the peak reset through /proc/self/clear_refs:
-flat = memory independent of |C|), and the subprocess's peak RSS (ru_maxrss: imports,
+flat = memory independent of |C|), for IBP the scratch memory of the compiled
+per-chunk computation (exact, from XLA), and the subprocess's peak RSS (ru_maxrss: imports,
 compilation, data generation and the call). IBP inputs are float32 device arrays, as
 a JAX pipeline holds features; host (numpy) inputs would add one float32 copy.
 """
@@ -89,7 +90,7 @@ def _worker(task: str, q: int, n: int, d: int, fp_sound: bool) -> dict:
         z, ql, gal, cl, sigma=0.5, norm_bound=1.0, t_query=0.01, ks=(1, 10)))
     summary = {"halfspace_k1": float(np.mean(cert["halfspace_radius"][:, 0] > 0))}
     return {"seconds": seconds, "compile": 0.0, "work_mb": work, "peak_mb": _rss_mb(),
-            "inputs_mb": inputs / MB, "summary": summary}
+            "inputs_mb": inputs / MB, "xla_mb": None, "summary": summary}
 
   # features and boxes as a JAX pipeline holds them: float32 device arrays
   put = lambda x: jax.block_until_ready(jax.numpy.asarray(x))
@@ -120,9 +121,24 @@ def _worker(task: str, q: int, n: int, d: int, fp_sound: bool) -> dict:
     compile_s = time.perf_counter() - t0
     seconds, work, out = _measure(lambda: gallery.certify_gallery(*args, KS, **kw))
     res = out.metrics()
+    xla = _xla_temp_mb(gallery, q, n, d, fp_sound)
   summary = {"cr_qa_40": res["cr_recall_qa"][40], "cr_ca_40": res["cr_recall_ca"][40]}
   return {"seconds": seconds, "compile": compile_s, "work_mb": work, "peak_mb": _rss_mb(),
-          "inputs_mb": inputs / MB, "summary": summary}
+          "inputs_mb": inputs / MB, "xla_mb": xla if task == "ibp" else None,
+          "summary": summary}
+
+
+def _xla_temp_mb(gallery, q: int, n: int, d: int, fp_sound: bool) -> float:
+  """Scratch memory XLA allocates for one query chunk's computation (exact, from the
+  compiled executable; the candidates are arguments, not scratch)."""
+  import jax
+  f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jax.numpy.float32)
+  qc = min(gallery.QUERY_CHUNK, q)
+  lowered = gallery._query_chunk.lower(
+      (f32(qc, d),) * 5, jax.ShapeDtypeStruct((qc,), jax.numpy.int32), (f32(n, d),) * 5,
+      jax.ShapeDtypeStruct((n,), jax.numpy.int32), jax.ShapeDtypeStruct((5,), bool),
+      n=n, nc=min(gallery.CAND_CHUNK, n), ks=KS, fp_sound=fp_sound, clean_boxes=fp_sound)
+  return lowered.compile().memory_analysis().temp_size_in_bytes / MB
 
 
 def main():
@@ -131,7 +147,7 @@ def main():
   p.add_argument("--smoothing_queries", type=int, default=None, help="default: --queries")
   p.add_argument("--sizes", default="1000,10000,100000")
   p.add_argument("--dim", type=int, default=128)
-  p.add_argument("--tasks", default="ibp,smoothing", help="of ibp, dense, smoothing")
+  p.add_argument("--tasks", default="ibp,dense,smoothing", help="of ibp, dense, smoothing")
   p.add_argument("--dense_max", type=int, default=10_000,
                  help="largest |C| for the dense comparison (with --tasks=...,dense)")
   p.add_argument("--fp_sound", action="store_true")
@@ -179,12 +195,13 @@ def main():
 def _print_row(r: dict, header: bool) -> None:
   if header:
     print("| task | Q | C | seconds | compile s | ns / (Q C) | inputs MB | call working MB "
-          "| process peak RSS MB | check |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| XLA scratch MB | process peak RSS MB | check |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
   check = ", ".join(f"{k} {v:.3f}" for k, v in r["summary"].items())
+  xla = "" if r["xla_mb"] is None else f"{r['xla_mb']:.1f}"
   print(f"| {r['task']} | {r['q']:,} | {r['n']:,} | {r['seconds']:.1f} | {r['compile']:.1f} "
         f"| {r['seconds'] / (r['q'] * r['n']) * 1e9:.0f} | {r['inputs_mb']:.0f} "
-        f"| {r['work_mb']:.0f} | {r['peak_mb']:.0f} | {check} |", flush=True)
+        f"| {r['work_mb']:.0f} | {xla} | {r['peak_mb']:.0f} | {check} |", flush=True)
 
 
 if __name__ == "__main__":

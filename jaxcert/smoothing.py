@@ -71,6 +71,7 @@ _U32 = 2.0 ** -24
 _GEOM_SLACK = 1e-7      # |error| of u.z and c from float64 rounding, in units of F
 _NEAR = 1e-6            # ||b - a||^2 < _NEAR (||a||^2 + ||b||^2): recompute from b - a
 GALLERY_CHUNK = 4096    # gallery items compared with a batch of queries at a time
+_TRIPLES = 2 ** 18       # (query, positive, gallery item) triples per halfspace_radii step
 
 
 # ---------------------------------------------------------------- Monte Carlo
@@ -354,7 +355,7 @@ def halfspace_radii(z: np.ndarray, query_labels: np.ndarray, gallery: np.ndarray
   spread over d dimensions) ``e_ab`` is several times smaller than ``t``.
 
   Memory: the gallery is streamed ``gallery_chunk`` items at a time for ``batch``
-  queries (fewer when ``batch x max_positives x gallery_chunk`` exceeds 2e6), keeping
+  queries (fewer when ``batch x max_positives x gallery_chunk`` exceeds 2^18), keeping
   per (query, positive) only the ``max(ks)`` smallest ``R_ab`` seen: no array grows
   with the gallery size. The result does not depend on ``gallery_chunk`` or ``batch``
   beyond float64 rounding of the dot products (covered by the geometry slack).
@@ -378,11 +379,11 @@ def halfspace_radii(z: np.ndarray, query_labels: np.ndarray, gallery: np.ndarray
     mean_slack = (min(chunk_size, n_s) + 2) * _U32 * f
   gc = min(_check_positive(gallery_chunk, "gallery_chunk", integer=True), len(gal))
   batch = _check_positive(batch, "batch", integer=True)
-  geometry = _PairGeometry(gal, gl, np.sum(gal * gal, axis=1), f, slack, sigma)
+  geometry = _PairGeometry(gal, gl, np.einsum("nd,nd->n", gal, gal), f, slack, sigma)
   out = np.empty((len(z), len(ks)))
   m = min(max_positives, len(gal))
   kmax = max(ks)
-  batch = max(1, min(batch, 2_000_000 // (m * gc)))
+  batch = max(1, min(batch, _TRIPLES // (m * gc)))
   for lo in range(0, len(z), batch):
     zb, lb = z[lo:lo + batch], ql[lo:lo + batch]
     pos, pos_ok, npos = _nearest_positives(zb, lb, gal, gl, m, gc)
@@ -550,7 +551,7 @@ def _check_labels(query_labels, gallery_labels):
 
 
 def _check_in_ball(v: np.ndarray, bound: float, name: str) -> None:
-  norms = np.linalg.norm(v, axis=-1) if v.size else np.zeros(0)
+  norms = np.sqrt(np.einsum("...d,...d->...", v, v))   # no [N, d] temporary
   if np.any(~np.isfinite(norms)):
     raise ValueError(f"{name} holds non-finite values")
   if norms.size and norms.max() > bound:
