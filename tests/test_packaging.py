@@ -140,7 +140,7 @@ def test_dependencies_match_requirements_txt(wheel):
   version, runtime, test = _metadata(wheel)
   assert version == _version_in_source() == "0.5.0"
   assert runtime == _requirements("runtime")
-  assert runtime["jax"] == "<0.11,>=0.6.1" and runtime["ml-collections"] == ">=1.0.0"
+  assert runtime["jax"] == "<0.11,>=0.7.0" and runtime["ml-collections"] == ">=1.0.0"
   assert len(runtime) >= 14 and not {"pytest", "ruff"} & set(runtime)
   assert test == _requirements("tests")
   assert {"pytest", "ruff", "setuptools"} <= set(test)
