@@ -384,9 +384,13 @@ def check_batch_independent(fn: Callable[[jax.Array], jax.Array], x) -> bool | N
   must leave example 1's output unchanged). Returns True when checked, None when it
   cannot be decided here (fewer than 2 examples, or ``fn`` closes over traced values).
   """
-  x = jnp.asarray(x)
-  if x.ndim < 1 or x.shape[0] < 2 or isinstance(x, jax.core.Tracer):
+  try:
+    x = np.asarray(x)
+  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+    return None   # traced: cannot be decided here
+  if x.ndim < 1 or x.shape[0] < 2:
     return None
+  x = jnp.asarray(x)
   # A random point (not x itself: identical examples or kinks could hide a dependence).
   k1, k2 = jax.random.split(jax.random.key(0))
   x = jax.random.uniform(k1, (2,) + x.shape[1:], x.dtype)

@@ -342,11 +342,13 @@ def make_train_step(apply, optimizer: optax.GradientTransformation, method: str,
     Zhang et al. (2020): ``beta * crown_ibp + (1 - beta) * ibp`` (both sound, so is any
     convex combination), beta ramped crown_beta -> crown_beta_end with eps."""
     box = input_box(x, eps)
-    b = ibp(f)(box)
     if cfg.bound_method == "ibp":
-      return b
+      return ibp(f)(box)
     c = linear_bounds.linear_bounds(f, "crown_ibp", depth=cfg.crown_depth,
                                     intersect_ibp=False, image_chunk=x.shape[0])(box)
+    if cfg.crown_beta == cfg.crown_beta_end == 1.0:   # pure CROWN-IBP: no IBP box needed
+      return c
+    b = ibp(f)(box)
     beta = ramp(step, cfg.ramp_start, cfg.ramp_end, cfg.crown_beta, cfg.crown_beta_end)
     return Interval(beta * c.lower + (1 - beta) * b.lower,
                     beta * c.upper + (1 - beta) * b.upper)
