@@ -16,11 +16,10 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
-import tensorflow_datasets as tfds
 from tensorboard.backend.event_processing import event_accumulator
 
+from conftest import Interrupt, stop_at, tiny_train_config
 from jaxcert import certification, metric_writer, report, training
-from jaxcert.config import base_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN_INFO_KEYS = {"config", "seed", "versions", "platform", "backend", "devices",
@@ -29,46 +28,15 @@ RUN_INFO_KEYS = {"config", "seed", "versions", "platform", "backend", "devices",
 
 
 def tiny_config(method="tbt"):
-  c = base_config()
+  c = tiny_train_config(method)
   c.seed = 3
-  c.data.name = "fashion_mnist"
-  c.data.num_queries = 12
-  c.data.num_candidates = 20
-  c.model.arch = "small"
-  c.model.embed_dim = 16
-  c.train.method = method
-  c.train.num_steps = 6
-  c.train.batch_size = 8
-  c.train.lr_decay_steps = (4,)
-  c.train.eps = 0.1
-  c.train.ramp_start = 1
-  c.train.ramp_end = 3
-  c.train.log_every = 1
   c.train.checkpoint_every = 3
-  c.train.max_to_keep = 2
-  c.certify.eps = 0.05
   c.certify.ks = (1, 5)
-  c.certify.batch_size = 8
   c.certify.attack = False
   return c
 
 
-@pytest.fixture(autouse=True)
-def mock_data(monkeypatch):
-  monkeypatch.setitem(training.data_lib.DEFAULT_SOURCE_DIRS, "fashion_mnist", None)
-  with tfds.testing.mock_data(num_examples=64):
-    yield
-
-
-class Interrupt(Exception):
-  pass
-
-
-def _stop_at(step):
-  def log(line):
-    if line.startswith(f"step {step}/"):
-      raise Interrupt(line)
-  return log
+pytestmark = pytest.mark.usefixtures("mock_fashion_mnist")
 
 
 def _scalars(tb_dir):
@@ -118,7 +86,7 @@ def test_csv_and_tensorboard_hold_the_schedule_and_survive_a_resume(tmp_path):
   training.train(cfg, str(tmp_path / "full"), log=lambda s: None)
   cut = tmp_path / "cut"
   with pytest.raises(Interrupt):   # rows 1..5 written, last checkpoint at step 3
-    training.train(cfg, str(cut), log=_stop_at(5))
+    training.train(cfg, str(cut), log=stop_at(5))
   assert metric_writer.read_csv(str(cut / "metrics.csv"))["step"] == [1, 2, 3, 4, 5]
   lines = []
   training.train(cfg, str(cut), log=lines.append)

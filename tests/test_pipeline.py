@@ -8,57 +8,16 @@ import sys
 import jax
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 
+from conftest import Interrupt, stop_at, tiny_train_config
 from jaxcert import certification, losses, training
 from jaxcert.checkpoint import CheckpointError
-from jaxcert.config import base_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def tiny_config(method="tbt"):
-  c = base_config()
-  c.data.name = "fashion_mnist"
-  c.data.data_dir = None
-  c.data.num_queries = 12
-  c.data.num_candidates = 20
-  c.model.arch = "small"
-  c.model.embed_dim = 16
-  c.train.method = method
-  c.train.num_steps = 6
-  c.train.batch_size = 8
-  c.train.lr_decay_steps = (4,)
-  c.train.eps = 0.1
-  c.train.ramp_start = 1
-  c.train.ramp_end = 3
-  c.train.log_every = 1
-  c.train.checkpoint_every = 2
-  c.train.max_to_keep = 2
-  c.certify.eps = 0.05
-  c.certify.ks = (1, 5, 20)
-  c.certify.batch_size = 8
-  c.certify.attack_steps = 3
-  c.certify.ca_sources = 3
-  return c
-
-
-@pytest.fixture(autouse=True)
-def mock_data(tmp_path, monkeypatch):
-  monkeypatch.setitem(training.data_lib.DEFAULT_SOURCE_DIRS, "fashion_mnist", None)
-  with tfds.testing.mock_data(num_examples=64):
-    yield
-
-
-class Interrupt(Exception):
-  pass
-
-
-def _interrupt_at(step):
-  def log(line):
-    if line.startswith(f"step {step}/"):
-      raise Interrupt(line)
-  return log
+tiny_config = tiny_train_config
+pytestmark = pytest.mark.usefixtures("mock_fashion_mnist")
 
 
 def test_resume_matches_uninterrupted_run(tmp_path):
@@ -66,7 +25,7 @@ def test_resume_matches_uninterrupted_run(tmp_path):
   full = training.train(cfg, str(tmp_path / "full"), log=lambda s: None)
   assert full.step == 6
   with pytest.raises(Interrupt):
-    training.train(cfg, str(tmp_path / "cut"), log=_interrupt_at(5))  # last ckpt: 4
+    training.train(cfg, str(tmp_path / "cut"), log=stop_at(5))  # last ckpt: 4
   lines = []
   resumed = training.train(cfg, str(tmp_path / "cut"), log=lines.append)
   assert any("resumed from checkpoint at step 4" in s for s in lines)
@@ -214,7 +173,7 @@ def test_cibp_resumes_with_its_head_and_fctb_fine_tunes_the_tbt_model(tmp_path):
   cfg = tiny_config(method="cibp")
   full = training.train(cfg, str(tmp_path / "full"), log=lambda s: None)
   with pytest.raises(Interrupt):
-    training.train(cfg, str(tmp_path / "cut"), log=_interrupt_at(5))
+    training.train(cfg, str(tmp_path / "cut"), log=stop_at(5))
   resumed = training.train(cfg, str(tmp_path / "cut"), log=lambda s: None)
   for a, b in zip(jax.tree.leaves(full.params), jax.tree.leaves(resumed.params),
                   strict=True):
