@@ -43,8 +43,7 @@ def feature_boxes(apply, params, images: np.ndarray, eps: float, *,
 
   ``method``: ``"ibp"`` (interval bound propagation), or ``"crown_ibp"`` / ``"crown"``
   (back-substituted linear bounds, :mod:`jaxcert.linear_bounds`: tighter, costlier,
-  feed-forward ReLU networks only, sound in exact arithmetic -- ``fp_sound`` is not
-  available for them and raises).
+  feed-forward ReLU networks only).
 
   images: float [N, H, W, C] in [0, 1]. Returns Interval [N, d]. ``fp_sound``: the
   boxes also hold despite float32 rounding and contain the float forward pass of
@@ -58,14 +57,10 @@ def feature_boxes(apply, params, images: np.ndarray, eps: float, *,
   if method == "ibp":
     fn = jax.jit(lambda p, x: ibp(lambda z: apply(p, z), fp_sound=fp_sound)(
         input_box(x, eps, fp_sound=fp_sound)))
-  elif fp_sound:
-    raise ValueError(f"fp_sound=True covers method='ibp' only, got method={method!r}: "
-                     "linear bounds are sound in exact arithmetic (set fp_sound=False, "
-                     "config.certify.fp_sound=False, to use them)")
   else:
     linear_bounds.check_batch_independent(lambda z: apply(params, z), images[:2])
-    fn = jax.jit(lambda p, x: linear_bounds.linear_bounds(lambda z: apply(p, z), method)(
-        input_box(x, eps)))
+    fn = jax.jit(lambda p, x: linear_bounds.linear_bounds(
+        lambda z: apply(p, z), method, fp_sound=fp_sound)(input_box(x, eps, fp_sound=fp_sound)))
   return models.map_batches(lambda x: fn(params, x), images, batch_size)
 
 
@@ -213,10 +208,6 @@ def certify(config: ml_collections.ConfigDict, workdir: str, *,
     raise ValueError(f"config.certify.bound_method must be one of {linear_bounds.METHODS}, "
                      f"got {c.bound_method!r}")
   fp = bool(c.fp_sound)
-  if fp and c.bound_method != "ibp":
-    raise ValueError(f"config.certify.bound_method={c.bound_method!r} needs "
-                     "config.certify.fp_sound=False: the float-rounding widening covers IBP "
-                     "only, linear bounds are sound in exact arithmetic (docs/LINEAR_BOUNDS.md)")
   apply, params, step, (q_idx, qx, ql), (c_idx, cx, cl) = load_model_and_split(
       config, workdir)
 

@@ -79,11 +79,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.certify.attack_restarts = 1          # PGD runs per attack; >1 adds random starts
   c.certify.audit = True                 # attack every certified claim (needs attack)
   c.certify.audit_pool = 50              # CA audit: competitors attacked per query
-  c.certify.fp_sound = True              # IBP/distance bounds widened for float rounding
+  c.certify.fp_sound = True              # boxes and distance bounds widened for rounding
 
   c.certify.method = "ibp"               # ibp (l_inf, CBIR) | smoothing (l_2, RetrievalGuard)
   c.certify.bound_method = "ibp"         # l_inf feature boxes: ibp | crown_ibp | crown
-  #   (linear_bounds.py; crown_* need fp_sound=False: sound in exact arithmetic only)
+  #   (linear_bounds.py; fp_sound covers all three)
 
   c.smoothing = ml_collections.ConfigDict()  # certify.method = "smoothing"
   c.smoothing.sigma = 0.25               # noise std of the smoothed model

@@ -56,6 +56,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import math
 from typing import Any, Callable
 
 import jax
@@ -64,7 +65,19 @@ import numpy as np
 from jax import lax
 from jax.extend import core as jex_core
 
-from jaxcert.interval import Interval, ibp, is_library_call
+from jaxcert import fp_linear
+from jaxcert.interval import (
+    Interval,
+    _add_up,
+    _clean,
+    _format,
+    _mid_rad,
+    _mul_up,
+    _next,
+    _sub_down,
+    ibp,
+    is_library_call,
+)
 
 METHODS = ("ibp", "crown_ibp", "crown")
 
@@ -256,6 +269,12 @@ class _Network:
           "an input-dependent operand it needs constant); supported: feed-forward ReLU "
           "networks of affine ops -- use IBP (method='ibp') for this network")
 
+  def segment_program(self, k: int) -> fp_linear.Program:
+    """Segment ``k`` as a :class:`jaxcert.fp_linear.Program` (float-sound mode)."""
+    seg = self.segments[k]
+    return fp_linear.Program(seg.eqns, self._consts, seg.inp, seg.out,
+                             f"linear_bounds(fp_sound=True), segment {k}")
+
   def segment_fn(self, k: int) -> Callable[[jax.Array], jax.Array]:
     seg = self.segments[k]
 
@@ -289,21 +308,24 @@ def _sum_tail(x, keep: int = 2):
 
 
 def _backward_lower(affine, pre, box0: Interval, m: int, lam: jax.Array,
-                    stop: int = 0) -> jax.Array:
+                    stop: int = 0, fp=None) -> jax.Array:
   """Lower bounds of ``lam[r] . zhat_m`` over the input box.
 
-  affine: list of (bias b_k, vjp_k) per segment; pre: pre-activation boxes
-  (``pre[k]`` bounds the output of segment k); lam [R, B, *shape of zhat_m].
-  Back-substitutes through segments m, m-1, ..., stop; with ``stop > 0`` the linear
-  bound is then minimised over the IBP box of segment ``stop``'s input
-  ``relu(pre[stop - 1])`` instead of the input box (cheaper, sound, looser).
-  Returns [R, B].
+  affine: list of (bias b_k, transpose_k) per segment (``transpose_k(c)`` = ``c W_k``);
+  pre: pre-activation boxes (``pre[k]`` bounds the output of segment k); lam [R, B,
+  *shape of zhat_m]. Back-substitutes through segments m, m-1, ..., stop; with
+  ``stop > 0`` the linear bound is then minimised over the IBP box of segment
+  ``stop``'s input ``relu(pre[stop - 1])`` instead of the input box (cheaper, sound,
+  looser). ``fp``: per-segment :func:`jaxcert.fp_linear.segment_terms` -- the
+  float-sound variant (:func:`_backward_lower_fp`). Returns [R, B].
   """
+  if fp is not None:
+    return _backward_lower_fp(affine, pre, box0, m, lam, stop, fp)
   const = jnp.zeros(lam.shape[:2], lam.dtype)
   for k in range(m, stop - 1, -1):
-    bias, vjp = affine[k]
+    bias, transpose = affine[k]
     const = const + _sum_tail(lam * bias[None])
-    lam = jax.vmap(lambda c, vjp=vjp: vjp(c)[0])(lam)
+    lam = jax.vmap(transpose)(lam)
     if k == stop:
       break
     a, s, t = _relaxation(pre[k - 1])
@@ -314,7 +336,66 @@ def _backward_lower(affine, pre, box0: Interval, m: int, lam: jax.Array,
   return const + _sum_tail(lam * z.center[None]) - _sum_tail(jnp.abs(lam) * z.radius[None])
 
 
-def _box_by_backsubstitution(affine, pre, box0, m, shape, row_chunk, stop=0):
+def _backward_lower_fp(affine, pre, box0: Interval, m: int, lam: jax.Array, stop: int,
+                       fp) -> jax.Array:
+  """:func:`_backward_lower` with every rounding paid for (``jaxcert.fp_linear``'s
+  module docstring has the inequalities). ``c`` is the float bound before the
+  error, ``e`` a float upper bound on the accumulated error; returns ``c - e``
+  rounded down."""
+  fmt = _format(lam.dtype)
+  tau = float(fmt.tau)
+  two_u = 2 * fmt.u
+  c = jnp.zeros(lam.shape[:2], lam.dtype)
+  e = jnp.zeros(lam.shape[:2], lam.dtype)
+
+  def accumulate(c, e, s):
+    c2 = c + s
+    return c2, _add_up(e, _add_up(_mul_up(jnp.abs(c2), two_u), 2 * tau))
+
+  def add_error(e, x):
+    return _add_up(e, _clean(x, True))
+
+  lam = fp_linear.flush(lam)
+  for k in range(m, stop - 1, -1):
+    bias, transpose = affine[k]
+    terms = fp[k]
+    v, cst = terms["V"], terms["c"]
+    if k < m:   # lam came from the ReLU step at zhat_k: its rounding (docstring)
+      mag = jnp.maximum(jnp.abs(pre[k].lower), jnp.abs(pre[k].upper))
+      v = _add_up(v, _mul_up(mag, two_u))
+      axes = tuple(range(1, mag.ndim))
+      cst = _add_up(cst, _mul_up(fp_linear.sum_upper(fmt, jnp.sum(mag, axis=axes),
+                                                     terms["n_out"]), 3 * fmt.tau))
+    n = terms["n_out"]
+    _, under = fp_linear.dot_error(fmt, n)
+    c, e = accumulate(c, e, _sum_tail(lam * terms["bias"][None]))
+    e = add_error(e, fp_linear.sum_upper(fmt, _sum_tail(jnp.abs(lam) * v[None]), n))
+    e = _add_up(_add_up(e, jnp.asarray(fmt.up(under), lam.dtype)), cst[None])
+    lam = fp_linear.flush(jax.vmap(transpose)(lam))
+    if k == stop:
+      break
+    a, s, t = fp_linear.relaxation(pre[k - 1].lower, pre[k - 1].upper)
+    pos, neg = jnp.maximum(lam, 0), jnp.minimum(lam, 0)
+    n = terms["n_in"]
+    g, under = fp_linear.dot_error(fmt, n)
+    c, e = accumulate(c, e, _sum_tail(neg * t[None]))
+    e = add_error(e, _mul_up(fp_linear.sum_upper(fmt, _sum_tail(-neg * t[None]), n), g))
+    e = add_error(e, _mul_up(fp_linear.sum_upper(fmt, _sum_tail(pos), n), fmt.tau))
+    e = _add_up(e, jnp.asarray(fmt.up(under), lam.dtype))
+    lam = fp_linear.flush(pos * a[None] + neg * s[None])
+  z = box0 if stop == 0 else _relu(pre[stop - 1])
+  zc, zr = _mid_rad(z)
+  n = math.prod(zc.shape[1:])
+  g, under = fp_linear.dot_error(fmt, n)
+  al = jnp.abs(lam)
+  c, e = accumulate(c, e, _sum_tail(lam * zc[None] - al * zr[None]))
+  zmag = _next(jnp.abs(zc) + zr, True)
+  e = add_error(e, _mul_up(fp_linear.sum_upper(fmt, _sum_tail(al * zmag[None]), n), g))
+  e = _add_up(e, jnp.asarray(fmt.up(under), lam.dtype))
+  return _sub_down(c, e)
+
+
+def _box_by_backsubstitution(affine, pre, box0, m, shape, row_chunk, stop=0, fp=None):
   """Box on ``zhat_m`` (shape [B, *shape]): 2 n rows (+e_j, -e_j), in chunks."""
   n = 1
   for s in shape[1:]:
@@ -330,7 +411,7 @@ def _box_by_backsubstitution(affine, pre, box0, m, shape, row_chunk, stop=0):
     coord, sign = r % n, jnp.where(r < n, 1.0, -1.0).astype(dtype)
     lam = jax.nn.one_hot(coord, n, dtype=dtype) * sign[:, None]        # [chunk, n]
     lam = jnp.broadcast_to(lam[:, None], (chunk, b, n)).reshape((chunk,) + tuple(shape))
-    return _backward_lower(affine, pre, box0, m, lam, stop)             # [chunk, B]
+    return _backward_lower(affine, pre, box0, m, lam, stop, fp)         # [chunk, B]
 
   low = lax.map(block, jnp.arange(num_chunks)).reshape(num_chunks * chunk, b)[:rows]
   lower = low[:n].T.reshape(shape)
@@ -348,19 +429,34 @@ def _relu(box: Interval) -> Interval:
   return Interval(jnp.maximum(box.lower, 0), jnp.maximum(box.upper, 0))
 
 
+def _transpose_program(vjp, out_like: jax.Array, k: int) -> fp_linear.Program:
+  """The transpose ``c -> c W_k`` of segment ``k`` (its ``jax.vjp``) as a Program."""
+  g = _Graph(jax.make_jaxpr(lambda c: vjp(c)[0])(jnp.zeros_like(out_like)))
+  return fp_linear.Program(g.eqns, g.consts, g.invars[0], g.outvars[0],
+                           f"linear_bounds(fp_sound=True), transpose of segment {k}")
+
+
 def _bounds_one(net: _Network, box0: Interval, method: str, row_chunk: int,
-                intersect_ibp: bool, depth: int | None) -> Interval:
+                intersect_ibp: bool, depth: int | None, fp_sound: bool = False) -> Interval:
   """Bounds for one traced batch (box0 has the traced shape)."""
   fns = [net.segment_fn(k) for k in range(len(net.segments))]
-  affine, pre = [], []
+  affine, pre, fp = [], [], ([] if fp_sound else None)
+  fmt = _format(box0.lower.dtype) if fp_sound else None
   z = box0
   for k, f in enumerate(fns):
     zero = jnp.zeros(z.lower.shape, z.lower.dtype)
-    affine.append(jax.vjp(f, zero))
-    box = ibp(f)(z)
+    bias, vjp = jax.vjp(f, zero)
+    if fp_sound:
+      fwd, bwd = net.segment_program(k), _transpose_program(vjp, bias, k)
+      mag = _clean(jnp.maximum(jnp.abs(z.lower), jnp.abs(z.upper)), True)
+      fp.append(fp_linear.segment_terms(fwd, bwd, mag, bias, fmt))
+      affine.append((fp[-1]["bias"], bwd.run))
+    else:
+      affine.append((bias, lambda c, vjp=vjp: vjp(c)[0]))
+    box = ibp(f, fp_sound=fp_sound)(z)
     if method == "crown" and 0 < k < len(fns) - 1:
       box = _intersect(box, _box_by_backsubstitution(affine, pre, box0, k,
-                                                     box.lower.shape, row_chunk))
+                                                     box.lower.shape, row_chunk, fp=fp))
     if k < len(fns) - 1:
       pre.append(box)
       z = _relu(box)
@@ -370,7 +466,7 @@ def _bounds_one(net: _Network, box0: Interval, method: str, row_chunk: int,
   last = len(fns) - 1
   stop = 0 if depth is None else max(0, last + 1 - depth)
   out = _box_by_backsubstitution(affine, pre, box0, last, out_ibp.lower.shape, row_chunk,
-                                 stop)
+                                 stop, fp=fp)
   return _intersect(out, out_ibp) if intersect_ibp else out
 
 
@@ -413,8 +509,8 @@ def check_batch_independent(fn: Callable[[jax.Array], jax.Array], x) -> bool | N
 
 def linear_bounds(fn: Callable[[jax.Array], jax.Array], method: str = "crown_ibp", *,
                   image_chunk: int = 8, row_chunk: int = 512,
-                  intersect_ibp: bool = True,
-                  depth: int | None = None) -> Callable[[Interval], Interval]:
+                  intersect_ibp: bool = True, depth: int | None = None,
+                  fp_sound: bool = False) -> Callable[[Interval], Interval]:
   """Bound transform: ``linear_bounds(fn, method)(box)`` bounds ``fn(x)`` for x in box.
 
   fn: maps a batch ``[B, ...]`` to ``[B, ...]`` with each example independent of the
@@ -427,6 +523,13 @@ def linear_bounds(fn: Callable[[jax.Array], jax.Array], method: str = "crown_ibp
   there (``None``: down to the input) -- a cheaper, looser bound for training.
   Returns an Interval with ``fn``'s output shape. Works under ``jax.jit`` and is
   differentiable (for training with CROWN-IBP bounds).
+
+  ``fp_sound=True`` (float32/float64 boxes): the box also holds despite the float
+  rounding of the bound computation and contains the float forward pass of ``fn`` in
+  any summation order, as ``ibp(fp_sound=True)`` does (:mod:`jaxcert.fp_linear` has the
+  proof). Intermediate boxes come from ``ibp(fp_sound=True)``; convolutions in the
+  transposed layers are computed as sums of exact windows. Costs about twice the
+  plain bound.
   """
   if method not in METHODS:
     raise ValueError(f"method must be one of {METHODS}, got method={method!r}")
@@ -436,7 +539,7 @@ def linear_bounds(fn: Callable[[jax.Array], jax.Array], method: str = "crown_ibp
     if not isinstance(v, int) or v < 1:
       raise ValueError(f"{name} must be an integer >= 1, got {name}={v!r}")
   if method == "ibp":
-    return ibp(fn)
+    return ibp(fn, fp_sound=fp_sound)
 
   @functools.wraps(fn)
   def bounded(box: Interval) -> Interval:
@@ -448,11 +551,15 @@ def linear_bounds(fn: Callable[[jax.Array], jax.Array], method: str = "crown_ibp
                                jnp.result_type(box.lower))
     net = _Network(fn, one)
     check_batch_independent(fn, box.center)
+    if fp_sound:
+      _format(jnp.result_type(box.lower), "the box of linear_bounds(fp_sound=True)")
+      box = Interval(_clean(jnp.asarray(box.lower), False),
+                     _clean(jnp.asarray(box.upper), True))
 
     def per_example(lu):
       lo, up = lu
       b = _bounds_one(net, Interval(lo[None], up[None]), method, row_chunk,
-                      intersect_ibp, depth)
+                      intersect_ibp, depth, fp_sound)
       return b.lower[0], b.upper[0]
 
     lo, up = lax.map(per_example, (box.lower, box.upper),

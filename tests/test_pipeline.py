@@ -230,10 +230,13 @@ def test_certify_with_crown_ibp_boxes(tmp_path):
       assert v >= ibp_res["metrics"][name][k], (name, k)
   for kind in ("qa_audit", "ca_audit"):
     assert res["attack"][kind]["broken"] == 0
-  c.certify.fp_sound = True
-  with pytest.raises(ValueError, match="fp_sound=False"):
-    certification.certify(c, str(tmp_path), output_dir=str(tmp_path / "x"),
-                          log=lambda s: None)
+  c.certify.fp_sound = True   # float-sound CROWN-IBP boxes (tests/test_fp_linear.py)
+  fp_res = certification.certify(c, str(tmp_path), output_dir=str(tmp_path / "fp"),
+                                 log=lambda s: None)
+  assert fp_res["fp_sound"] and fp_res["bound_method"] == "crown_ibp"
+  assert fp_res["mean_box_width"]["query"] >= res["mean_box_width"]["query"]
+  for kind in ("qa_audit", "ca_audit"):
+    assert fp_res["attack"][kind]["broken"] == 0
   c.certify.bound_method = "deeppoly"
   with pytest.raises(ValueError, match="bound_method"):
     certification.certify(c, str(tmp_path), output_dir=str(tmp_path / "x"),
