@@ -1,10 +1,12 @@
-"""Cost of floating-point-sound IBP relative to plain IBP (and to a forward pass).
+"""Cost of floating-point-sound bounds relative to plain ones (and to a forward pass).
 
   python bench/fp_sound_overhead.py [--arch=small] [--batch=256] [--repeats=5] [--eps=0.1]
+      [--method=ibp|crown_ibp|crown]
 
 Prints, measured in this one run on this machine, for the model at the given batch
 (jitted, compiled before timing, median of repeats, the three timings interleaved):
-forward time, plain IBP time, fp-sound IBP time and the ratio fp-sound / plain;
+forward time, plain bound time, fp-sound bound time (``--method``: IBP, or the linear
+bounds of jaxcert.linear_bounds) and the ratio fp-sound / plain;
 and how much wider the fp-sound boxes are than the plain ones (relative to the
 plain width: median and max over outputs).
 """
@@ -21,6 +23,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jaxcert import models  # noqa: E402
+from jaxcert.linear_bounds import METHODS, linear_bounds  # noqa: E402
 from jaxcert.interval import ibp, input_box  # noqa: E402
 
 
@@ -30,6 +33,7 @@ def main():
   p.add_argument("--batch", type=int, default=256)
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--eps", type=float, default=0.1)
+  p.add_argument("--method", default="ibp", choices=METHODS)
   args = p.parse_args()
 
   print(f"devices: {jax.devices()}  jax {jax.__version__}")
@@ -39,8 +43,13 @@ def main():
   x = jax.random.uniform(jax.random.key(0), (args.batch, 28, 28, 1))
   with jax.default_matmul_precision("highest"):
     fwd = jax.jit(apply)
-  plain = jax.jit(lambda p, x: ibp(lambda z: apply(p, z))(input_box(x, args.eps)))
-  sound = jax.jit(lambda p, x: ibp(lambda z: apply(p, z), fp_sound=True)(
+  def bound(fn, fp):
+    if args.method == "ibp":
+      return ibp(fn, fp_sound=fp)
+    return linear_bounds(fn, args.method, fp_sound=fp)
+
+  plain = jax.jit(lambda p, x: bound(lambda z: apply(p, z), False)(input_box(x, args.eps)))
+  sound = jax.jit(lambda p, x: bound(lambda z: apply(p, z), True)(
       input_box(x, args.eps, fp_sound=True)))
   fns = {"forward": lambda: fwd(params, x), "plain": lambda: plain(params, x),
          "sound": lambda: sound(params, x)}
@@ -53,9 +62,10 @@ def main():
       jax.block_until_ready(fn())
       times[k].append(time.perf_counter() - t)
   t = {k: statistics.median(v) for k, v in times.items()}
+  name = {"ibp": "IBP", "crown_ibp": "CROWN-IBP", "crown": "CROWN"}[args.method]
   print(f"{args.arch} model, batch {args.batch}, eps {args.eps}: forward "
-        f"{t['forward'] * 1e3:.1f} ms, plain IBP {t['plain'] * 1e3:.1f} ms, fp-sound IBP "
-        f"{t['sound'] * 1e3:.1f} ms; ratio fp-sound / plain = {t['sound'] / t['plain']:.2f}, "
+        f"{t['forward'] * 1e3:.1f} ms, plain {name} {t['plain'] * 1e3:.1f} ms, fp-sound "
+        f"{name} {t['sound'] * 1e3:.1f} ms; ratio fp-sound / plain = {t['sound'] / t['plain']:.2f}, "
         f"fp-sound / forward = {t['sound'] / t['forward']:.2f}")
   a, b = plain(params, x), sound(params, x)
   w_plain = np.asarray(a.upper - a.lower, np.float64)

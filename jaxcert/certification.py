@@ -230,8 +230,9 @@ def certify(config: ml_collections.ConfigDict, workdir: str, *,
   seconds = {"features_and_boxes": t1 - t0, "certify": t2 - t1}
   fp_cost = None
   if fp:
-    _, plain_qa, plain_ca, _ = _certify(qf, boxes(qx, eps), ql, cf, boxes(cx, eps), cl, ks,
-                                        dense=dense)
+    # The same bound method without the widening (the cost of fp_sound alone).
+    plain = [boxes(x, eps, method=c.bound_method) for x in (qx, cx)]
+    _, plain_qa, plain_ca, _ = _certify(qf, plain[0], ql, cf, plain[1], cl, ks, dense=dense)
     fp_cost = fp_sound_cost({"qa": qa_bounds, "ca": ca_bounds},
                             {"qa": plain_qa, "ca": plain_ca}, clean_rank, ql, cl, ks)
     seconds["fp_sound_cost"] = time.perf_counter() - t2

@@ -881,12 +881,13 @@ def _fp_affine(prim, invals, params):
   amplified by at most ``1 + g``. The bound's own products (``_Contraction``) use the
   ``d``, ``o`` of their evaluation order: ``g1``, ``A1``; the float forward pass, whose
   order is unknown, ``d = n + 1``, ``o = 2 n`` (any binary tree of the ``n`` products,
-  plus an accumulator initialised to zero): ``g``, ``A``; ``g1 <= g``.
+  plus an accumulator initialised to zero): ``g``, ``A``. Either may be the larger
+  (``g1 > g`` for a 1 x 1 or depthwise convolution); ``gm = min(g1, g)``.
 
   One bounded operand ``x`` in ``[l, u]``, constant ``W``: with ``c, r`` from
   ``_mid_rad`` (``x in [c - r, c + r]``, so ``|x| <= m = |c| + r``),
   ``v >= r + g1 |c| + g m`` (``_mag_plus``) and ``K = _kappa(W)`` (``|W|``, with
-  subnormal entries raised to ``tau (1 + 1/g1)``), two products ``Yc = fl(W c)`` and
+  subnormal entries raised to ``tau (1 + 1/gm)``), two products ``Yc = fl(W c)`` and
   ``D = fl(K v)`` give
 
     ``|y - Yc| <= E = (D + A1) / (1 - g1) + A1 + A``
@@ -932,11 +933,11 @@ def _fp_affine(prim, invals, params):
     dots, k = _add_up(d1, _clean(d2, True)), 2
   elif _is_iv(a):
     c, r = _mid_rad(a)
-    yc, dots = con.fn([(c, b), (_mag_plus(c, r, g1 + g, g), _kappa(b, g1))])
+    yc, dots = con.fn([(c, b), (_mag_plus(c, r, g1 + g, g), _kappa(b, min(g1, g)))])
     k = 1
   else:
     c, r = _mid_rad(b)
-    yc, dots = con.fn([(a, c), (_kappa(a, g1), _mag_plus(c, r, g1 + g, g))])
+    yc, dots = con.fn([(a, c), (_kappa(a, min(g1, g)), _mag_plus(c, r, g1 + g, g))])
     k = 1
   inv = 1 / (1 - g1)
   tail = jnp.asarray(fmt.up(k * a1 * inv + a1 + a_fwd), dtype)

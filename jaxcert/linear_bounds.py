@@ -42,9 +42,10 @@ VJP at 0 is exact), and ``b_k = A_k(0)``. Nothing is ever materialised as a matr
   neuron (in row chunks): affordable for the Small model, heavy for Large.
 
 The output box is intersected with the IBP box (``intersect_ibp=True``, the default), so it
-is never wider than IBP's; both are sound, so their intersection is. Soundness is in exact
-arithmetic, like :func:`jaxcert.interval.ibp` without ``fp_sound``: float32 rounding of the
-bound computation is not accounted for here (see docs/FLOAT_SOUNDNESS.md).
+is never wider than IBP's; both are sound, so their intersection is. The proof above is
+in exact arithmetic; ``fp_sound=True`` repairs every step for float rounding (the
+transposes, bias products, chords and sums) and covers the float forward pass as
+``ibp(fp_sound=True)`` does -- :mod:`jaxcert.fp_linear` has that proof.
 
 **Cost.** The output pass propagates ``2 d`` rows (``d`` = embedding size) per image, so
 memory is ``2 d x (largest activation)`` floats per image; ``image_chunk`` images are

@@ -2,11 +2,13 @@
 
   python scripts/compare_bounds.py --config=cbir:fashion_mnist,small,tbt,0.2,cpu \
       --workdir=runs/cbir_cpu/fashion_mnist_small_tbt_cpu [--methods=ibp,crown_ibp,crown] \
-      [--output_dir=DIR] [--audit] [--config.data.num_queries=500 ...]
+      [--fp_sound=false,true] [--output_dir=DIR] [--audit] [--config.data.num_queries=500 ...]
 
-For each bound method, on the same checkpoint and the same Q / C draw: mean feature-box
-width (and its ratio to IBP's), CR-Recall@K for query and candidate attacks (paper's
-two-sided and one-sided), and the seconds per image of the boxes. ``--audit`` also
+For each bound method (and each ``--fp_sound`` setting: rows ``METHOD`` and
+``METHOD+fp``, the float-sound boxes and distance bounds of ``certify.fp_sound``), on
+the same checkpoint and the same Q / C draw: mean feature-box width (and its ratio to
+IBP's), CR-Recall@K for query and candidate attacks (paper's two-sided and one-sided),
+and the seconds per image of the boxes. ``--audit`` also
 attacks every certified QA and CA claim of every method (jaxcert.attacks.audit_qa /
 audit_ca) and records how many were broken (must be 0). Writes compare_bounds.json,
 compare_bounds.md and compare_bounds.png atomically to ``--output_dir`` (default
@@ -37,13 +39,18 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "run directory with the checkpoi
 _METHODS = flags.DEFINE_list("methods", list(METHODS), f"subset of {METHODS}")
 _OUT = flags.DEFINE_string("output_dir", None, "where the comparison goes")
 _AUDIT = flags.DEFINE_bool("audit", False, "attack every certified claim of every method")
+_FP = flags.DEFINE_list("fp_sound", ["false"], "float-sound bounds: false, true or both")
 
 
-def compare(config, workdir: str, methods, *, audit: bool = False, log=print) -> dict:
+def compare(config, workdir: str, methods, *, audit: bool = False, fp_sound=(False,),
+            log=print) -> dict:
   """The comparison as a results dict (see the module docstring)."""
   for m in methods:
     if m not in METHODS:
       raise ValueError(f"--methods: {m!r} is not one of {METHODS}")
+  fp_sound = tuple(fp_sound)
+  if not fp_sound or any(not isinstance(f, bool) for f in fp_sound):
+    raise ValueError(f"--fp_sound must be a non-empty list of booleans, got {fp_sound!r}")
   c = config.certify
   eps = validate.check_eps(c.eps, "config.certify.eps")
   ks = validate.check_ks(tuple(c.ks), config.data.num_candidates, "config.certify.ks")
@@ -52,16 +59,23 @@ def compare(config, workdir: str, methods, *, audit: bool = False, log=print) ->
   qf = embed(apply, params, qx, batch_size=c.batch_size)
   cf = embed(apply, params, cx, batch_size=c.batch_size)
   rows = {}
-  for m in methods:
+  clean = None
+  if True in fp_sound:   # clean features as eps = 0 float-sound boxes, as certify() does
+    clean = tuple(certification.feature_boxes(apply, params, x, 0.0, fp_sound=True,
+                                              batch_size=c.batch_size) for x in (qx, cx))
+  for m, fp in ((m, fp) for m in methods for fp in fp_sound):
+    name = f"{m}+fp" if fp else m
     t0 = time.perf_counter()
     qb = certification.feature_boxes(apply, params, qx, eps, batch_size=c.batch_size,
-                                     method=m)
+                                     method=m, fp_sound=fp)
     cb = certification.feature_boxes(apply, params, cx, eps, batch_size=c.batch_size,
-                                     method=m)
+                                     method=m, fp_sound=fp)
     sec = time.perf_counter() - t0
     res, qa, ca, clean_rank = certification._certify(  # noqa: SLF001
-        qf, qb, ql, cf, cb, cl, ks, dense=True if audit else None)   # audits read dense bounds
+        qf, qb, ql, cf, cb, cl, ks, fp_sound=fp, clean_boxes=clean if fp else None,
+        dense=True if audit else None)   # audits read dense bounds
     row = {
+        "fp_sound": fp,
         "mean_box_width": float((np.mean(qb.width) + np.mean(cb.width)) / 2),
         "seconds_boxes": sec,
         "ms_per_image": 1000 * sec / (len(qx) + len(cx)),
@@ -74,16 +88,17 @@ def compare(config, workdir: str, methods, *, audit: bool = False, log=print) ->
                                          eps, **kw)
       row["ca_audit"] = attacks.audit_ca(apply, params, qf, cx, cf, ca, clean_rank, ql, cl,
                                          ks, eps, pool=c.audit_pool, **kw)
-    rows[m] = row
+    rows[name] = row
     qa_s = " ".join(f"{row['metrics']['cr_recall_qa'][str(k)]:.3f}" for k in ks)
     ca_s = " ".join(f"{row['metrics']['cr_recall_ca'][str(k)]:.3f}" for k in ks)
-    log(f"{m:>9}: width {row['mean_box_width']:.4g}, {row['ms_per_image']:.2f} ms/image, "
+    log(f"{name:>12}: width {row['mean_box_width']:.4g}, {row['ms_per_image']:.2f} ms/image, "
         f"CR QA {qa_s}, CR CA {ca_s}"
         + (f", audits broken {row['qa_audit']['broken']}/{row['qa_audit']['claims']} QA "
            f"{row['ca_audit']['broken']}/{row['ca_audit']['claims']} CA" if audit else ""))
-  if "ibp" in rows:
-    for row in rows.values():
-      row["width_vs_ibp"] = row["mean_box_width"] / rows["ibp"]["mean_box_width"]
+  for row in rows.values():   # against IBP with the same fp_sound setting
+    base = rows.get("ibp+fp" if row["fp_sound"] else "ibp")
+    if base is not None:
+      row["width_vs_ibp"] = row["mean_box_width"] / base["mean_box_width"]
   return {
       "workdir": workdir, "checkpoint_step": step, "eps": eps, "ks": list(ks),
       "method": config.train.method, "arch": config.model.arch,
@@ -130,7 +145,10 @@ def plot(res: dict, path: str) -> None:
 def main(argv):
   del argv
   config = _CONFIG.value
-  res = compare(config, _WORKDIR.value, _METHODS.value, audit=_AUDIT.value)
+  fp = [{"true": True, "false": False}.get(v.lower()) for v in _FP.value]
+  if None in fp:
+    raise app.UsageError(f"--fp_sound: each value must be true or false, got {_FP.value}")
+  res = compare(config, _WORKDIR.value, _METHODS.value, audit=_AUDIT.value, fp_sound=fp)
   out = _OUT.value or os.path.join(_WORKDIR.value, f"compare_bounds_eps{res['eps']:g}")
   report.write_dir_atomic(out, {
       "compare_bounds.json": lambda p: report._dump_json(p, res),  # noqa: SLF001

@@ -237,6 +237,23 @@ def test_certify_with_crown_ibp_boxes(tmp_path):
   assert fp_res["mean_box_width"]["query"] >= res["mean_box_width"]["query"]
   for kind in ("qa_audit", "ca_audit"):
     assert fp_res["attack"][kind]["broken"] == 0
+  nq = c.data.num_queries   # the widening's cost is counted against plain CROWN-IBP
+  for kind in ("qa", "ca"):
+    for k, cost in fp_res["fp_sound_cost"][kind].items():
+      assert cost["plain"] == round(res["metrics"][f"cr_recall_{kind}"][k] * nq), (kind, k)
+      assert cost["sound"] == round(fp_res["metrics"][f"cr_recall_{kind}"][k] * nq)
+  # scripts/compare_bounds.py: the same numbers as certify(), side by side.
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "scripts"))
+  import compare_bounds  # noqa: PLC0415
+  cmp = compare_bounds.compare(c, str(tmp_path), ["ibp", "crown_ibp"],
+                               fp_sound=(False, True), log=lambda s: None)
+  rows = cmp["bounds"]
+  assert list(rows) == ["ibp", "ibp+fp", "crown_ibp", "crown_ibp+fp"]
+  for name, ref in (("crown_ibp+fp", fp_res), ("crown_ibp", res), ("ibp", ibp_res)):
+    assert "cr_recall_qa" in rows[name]["metrics"]
+    for key, v in rows[name]["metrics"].items():
+      assert v == ref["metrics"][key], (name, key)
+  assert rows["crown_ibp+fp"]["width_vs_ibp"] <= 1.0   # against ibp+fp
   c.certify.bound_method = "deeppoly"
   with pytest.raises(ValueError, match="bound_method"):
     certification.certify(c, str(tmp_path), output_dir=str(tmp_path / "x"),
