@@ -23,8 +23,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jaxcert import models  # noqa: E402
-from jaxcert.linear_bounds import METHODS, linear_bounds  # noqa: E402
 from jaxcert.interval import ibp, input_box  # noqa: E402
+from jaxcert.linear_bounds import METHODS, linear_bounds  # noqa: E402
 
 
 def main():
@@ -65,7 +65,8 @@ def main():
   name = {"ibp": "IBP", "crown_ibp": "CROWN-IBP", "crown": "CROWN"}[args.method]
   print(f"{args.arch} model, batch {args.batch}, eps {args.eps}: forward "
         f"{t['forward'] * 1e3:.1f} ms, plain {name} {t['plain'] * 1e3:.1f} ms, fp-sound "
-        f"{name} {t['sound'] * 1e3:.1f} ms; ratio fp-sound / plain = {t['sound'] / t['plain']:.2f}, "
+        f"{name} {t['sound'] * 1e3:.1f} ms; ratio fp-sound / plain = "
+        f"{t['sound'] / t['plain']:.2f}, "
         f"fp-sound / forward = {t['sound'] / t['forward']:.2f}")
   a, b = plain(params, x), sound(params, x)
   w_plain = np.asarray(a.upper - a.lower, np.float64)
