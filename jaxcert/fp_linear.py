@@ -53,9 +53,10 @@ are those of the graph. (Checked numerically in ``tests/test_linear_bounds.py``.
 **The repaired back-substitution** (``linear_bounds._backward_lower`` with
 ``fp_sound=True``). Write ``M`` for the segment input's magnitude bound (``max(|l|,
 |u|)`` of its box, which holds both networks' values). Let ``Delta_k = gamma_f
-|A_k|(M) + U_f`` bound the forward pass's deviation ``fl(A_k)(z) - A_k(z)`` (also at
-``z = 0``, so it bounds the float bias's error too), ``gamma_b`` the transpose's
-rounding. For a stored row ``lam`` on the segment output (normal or zero entries),
+|A_k|(M) + U_f + |F|(tau)`` bound the forward pass's deviation ``fl(A_k)(z) - A_k(z)``
+(also at ``z = 0``, so it bounds the float bias's error too; ``|F|(tau)``: every
+operation may read a subnormal input entry as zero on its own, so two products of one
+entry may disagree), ``gamma_b`` the transpose's rounding. For a stored row ``lam`` on the segment output (normal or zero entries),
 ``mu = run(lam)`` flushed to normal-or-zero, and any ``z`` with ``|z| <= M``:
 
   ``lam . zhat >= mu . z + lam . b_f - |lam| . V - c``
@@ -355,7 +356,11 @@ def segment_terms(fwd: Program, bwd: Program, m_in: jax.Array, bias: jax.Array,
   tau = _const(fmt, fmt.tau, dtype)
   fwd_abs = fwd.abs_upper(m_in, bias=True, kappa_gamma=g_f,
                           bump=2 * fmt.tau * (1 + g_f) / g_f, model="any")
-  delta = _mul_up(fwd_abs, g_f)
+  # DAZ: each operation may read a subnormal input entry as 0 on its own (two products
+  # of one entry may disagree), a deviation of at most tau per read: |F|(tau).
+  daz = fwd.abs_upper(jnp.full(jnp.shape(m_in), fmt.up(fmt.tau), dtype), bias=False,
+                      kappa_gamma=g_f)
+  delta = _add_up(_mul_up(fwd_abs, g_f), _clean(daz, True))
   lin_abs = fwd.abs_upper(m_in, bias=False, kappa_gamma=g_b)
   out_shape = jnp.shape(bias)
   under = bwd.abs_upper(jnp.zeros(out_shape, dtype), bias=False, kappa_gamma=g_b,

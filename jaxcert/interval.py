@@ -1099,7 +1099,7 @@ def ibp(fn: Callable[..., Any], *, fp_sound: bool = False) -> Callable[..., Any]
 
 
 def _fp_input(v: Interval) -> Interval:
-  lo, hi = jnp.asarray(v.lower), jnp.asarray(v.upper)
+  lo, hi = _outward_array(v.lower)[0], _outward_array(v.upper)[1]
   for name, x in (("lower", lo), ("upper", hi)):
     _format(x.dtype, f"an input Interval's {name}")
   if lo.dtype != hi.dtype:

@@ -72,6 +72,7 @@ from jaxcert.interval import (
     _add_up,
     _clean,
     _format,
+    _fp_input,
     _mid_rad,
     _mul_up,
     _next,
@@ -548,14 +549,12 @@ def linear_bounds(fn: Callable[[jax.Array], jax.Array], method: str = "crown_ibp
       raise TypeError(f"box must be a jaxcert.interval.Interval, got {type(box).__name__}")
     if jnp.ndim(box.lower) < 1:
       raise ValueError(f"box must have a batch axis, got shape {jnp.shape(box.lower)}")
+    if fp_sound:   # non-subnormal end points, float64 numpy rounded outward
+      box = _fp_input(box)
     one = jax.ShapeDtypeStruct((1,) + tuple(jnp.shape(box.lower)[1:]),
                                jnp.result_type(box.lower))
     net = _Network(fn, one)
     check_batch_independent(fn, box.center)
-    if fp_sound:
-      _format(jnp.result_type(box.lower), "the box of linear_bounds(fp_sound=True)")
-      box = Interval(_clean(jnp.asarray(box.lower), False),
-                     _clean(jnp.asarray(box.upper), True))
 
     def per_example(lu):
       lo, up = lu

@@ -273,3 +273,33 @@ def test_feature_boxes_crown_ibp_fp_sound():
     assert np.all(np.asarray(crown.lower) >= np.asarray(ibp_box.lower))
     assert np.all(np.asarray(crown.upper) <= np.asarray(ibp_box.upper))
   assert not _inside(boxes(0.0, False, "crown_ibp"), [f64])
+
+
+def test_subnormal_input_read_differently_by_two_products():
+  """Review finding: DAZ is per operation, so two products of one subnormal ReLU output
+  may read it as 0 and as itself. Exact (and consistent-read) value 2; the per-read
+  float32 pass gives 1 + fl(1 - 1e38 * 5e-39) = 1.5. Both must be in the box."""
+  w2 = np.array([[1e38, -1e38]], F32)
+
+  def f(x):
+    z = jax.nn.relu(x.reshape(x.shape[0], -1) * F32(1e-38))   # 5e-39: subnormal
+    return jax.nn.relu(z @ w2 + F32(1.0)) @ np.ones((2, 1), F32)
+
+  x = jnp.asarray([[0.5]], jnp.float32)
+  v = F32(0.5) * F32(1e-38)
+  per_read = F32(1.0) + F32(F32(1.0) - F32(w2[0, 0]) * v)   # one product reads 0
+  assert per_read == F32(1.5)
+  for method in ("crown_ibp", "crown"):
+    box = lb.linear_bounds(f, method, fp_sound=True, intersect_ibp=False)(Interval(x, x))
+    assert _inside(box, [np.asarray([[2.0]]), np.asarray([[float(per_read)]])]), method
+
+
+def test_float64_numpy_box_is_rounded_outward():
+  """Review finding: a float64 numpy box (x64 disabled) must be rounded outward to
+  float32, not to nearest: [0.1, 0.1] in float64 must give a box containing 0.1."""
+  assert not jax.config.jax_enable_x64
+  lo = hi = np.array([[0.1]], np.float64)
+  f = lambda x: jax.nn.relu(x @ jnp.ones((1, 1))) @ jnp.ones((1, 1))
+  for bound in (lb.linear_bounds(f, "crown_ibp", fp_sound=True), ibp(f, fp_sound=True)):
+    box = bound(Interval(lo, hi))
+    assert Fraction(float(box.lower[0, 0])) <= Fraction(0.1) <= Fraction(float(box.upper[0, 0]))
