@@ -57,7 +57,8 @@ are those of the graph. (Checked numerically in ``tests/test_linear_bounds.py``.
 (also at ``z = 0``, so it bounds the float bias's error too; ``|F|(tau)``: every
 operation may read a subnormal input entry as zero on its own, so two products of one
 entry may disagree), ``gamma_b`` the transpose's rounding. For a stored row ``lam`` on
-the segment output (normal or zero entries), ``mu = run(lam)`` flushed to normal-or-zero, and any ``z`` with ``|z| <= M``:
+the segment output (normal or zero entries), ``mu = run(lam)`` flushed to
+normal-or-zero, and any ``z`` with ``|z| <= M``:
 
   ``lam . zhat >= mu . z + lam . b_f - |lam| . V - c``
 
