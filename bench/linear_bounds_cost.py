@@ -42,8 +42,8 @@ def child(args) -> dict:
     fn = jax.jit(apply)
     run = lambda: fn(params, x)
   else:
-    fn = jax.jit(lambda p, b: linear_bounds(lambda z: apply(p, z), args.method,
-                                            image_chunk=args.image_chunk)(b))
+    chunk = {} if args.image_chunk is None else {"image_chunk": args.image_chunk}
+    fn = jax.jit(lambda p, b: linear_bounds(lambda z: apply(p, z), args.method, **chunk)(b))
     box = input_box(x, 0.01)
     run = lambda: fn(params, box)
   jax.block_until_ready(run())
@@ -94,7 +94,8 @@ def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--arch", default="small", choices=("small", "large"))
   p.add_argument("--batch", type=int, default=64)
-  p.add_argument("--image_chunk", type=int, default=8)
+  p.add_argument("--image_chunk", type=int, default=None,
+                 help="images bounded at a time (default: linear_bounds' default)")
   p.add_argument("--methods", default="ibp,crown_ibp,crown")
   p.add_argument("--repeats", type=int, default=2)
   p.add_argument("--train_step", action="store_true")
@@ -110,14 +111,16 @@ def main():
   rows = []
   for m in ["forward"] + args.methods.split(","):
     cmd = [sys.executable, __file__, f"--arch={args.arch}", f"--batch={args.batch}",
-           f"--image_chunk={args.image_chunk}", f"--repeats={args.repeats}", f"--method={m}"]
+           f"--repeats={args.repeats}", f"--method={m}"]
+    if args.image_chunk is not None:
+      cmd.append(f"--image_chunk={args.image_chunk}")
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     rows.append(json.loads(out.strip().splitlines()[-1]))
     print(f"  {m}: {rows[-1]['ms_per_image']:.3f} ms/image, peak RSS "
           f"{rows[-1]['peak_rss_gb']:.2f} GB", flush=True)
   fwd = rows[0]["ms_per_image"]
   ibp = next((r["ms_per_image"] for r in rows if r["method"] == "ibp"), None)
-  print(f"{args.arch}, batch {args.batch}, image_chunk {args.image_chunk}:")
+  print(f"{args.arch}, batch {args.batch}, image_chunk {args.image_chunk or 'default'}:")
   for r in rows[1:]:
     extra = f", x{r['ms_per_image'] / ibp:.0f} IBP" if ibp else ""
     print(f"  {r['method']:>9}: {r['ms_per_image']:.2f} ms/image = x{r['ms_per_image'] / fwd:.0f}"

@@ -62,11 +62,13 @@ normal-or-zero, and any ``z`` with ``|z| <= M``:
 
   ``lam . zhat >= mu . z + lam . b_f - |lam| . V - c``
 
-with ``V = 2 Delta_k + tau + gamma_b |F|(M) + gamma_{n+1} |b_f|`` (the exact bias and
-the forward pass's deviation, the flushed bias, the transpose's rounding by the two
-lemmas, the rounding of ``lam . b_f``) and ``c = U_b . M + tau sum M`` (the transpose's
-underflow, the flush of ``mu``); ``b_f`` is the flushed float bias, ``zhat`` the exact
-``A_k(z)`` or the float ``fl(A_k)(z)``.
+with ``V = Delta_k + Delta_k^0 + tau + gamma_b |F|(M) + gamma_{n+2} |b_f|`` (the float
+forward pass's deviation; the float bias's error ``Delta_k^0 = gamma_f |A_k|(0) + U_f``,
+``|A_k|(0)`` being the bias magnitudes; the flush of the bias; the transpose's rounding
+by the two lemmas; the rounding of ``lam . b_f``, see ``dot_error``) and ``c = U_b . M +
+tau sum M`` (the transpose's underflow, the flush of ``mu``); ``b_f`` is the flushed
+float bias, computed by ``run`` (so no backend convolution algorithm is involved),
+``zhat`` the exact ``A_k(z)`` or the float ``fl(A_k)(z)``.
 
 ReLU step on the pre-activation box ``[l, u]`` (endpoints never subnormal): slopes
 ``a in {0, 1}`` (exact), chord slope ``s`` any float in ``[0, 1]`` (cleaned of
@@ -75,7 +77,10 @@ z' <= s v + t`` holds on ``[l, u]`` for the value ``z'`` the next segment reads 
 a subnormal ``relu(v)`` read as zero). Then ``mu . z' >= lam' . v + sum neg t - tau
 sum pos - |lam'| . (2 u |v|max) - 3 tau sum |v|max`` for the stored ``lam' =
 flush(fl(pos a + neg s))`` (``pos a`` is exact, ``neg s`` rounds once, the flush adds
-``tau``): the ``2 u |v|max`` term is added to the next segment's ``V``. At the input
+``tau``): the ``2 u |v|max`` term is added to the next segment's ``V``. Only unstable
+neurons round (``a, s`` are 0 or 1 elsewhere, and ``lam'`` is then ``mu`` or 0, already
+flushed), so both terms are restricted to them, and a product ``|lam| V`` with
+``lam = 0`` counts as 0 even where ``V`` is infinite (an overflowed box). At the input
 box (``c0 +- r0`` from ``_mid_rad``, exact enclosure) ``lam . x >= sum (lam c0 - |lam|
 r0)``. Every float sum ``S`` of ``n`` products is paid for by ``gamma_{n+2} sum |terms|
 + 8 n tau (1 + gamma)`` and every accumulation ``c + S`` by ``2 u |fl(c + S)| + 2 tau``,
@@ -112,7 +117,7 @@ from jaxcert.interval import (
 _STRUCT = frozenset((
     "reshape", "transpose", "broadcast_in_dim", "squeeze", "expand_dims", "slice",
     "concatenate", "pad", "rev", "copy", "copy_p", "sharding_constraint", "select_n",
-    "dynamic_slice", "gather", "dynamic_update_slice", "convert_element_type",
+    "dynamic_slice", "gather", "dynamic_update_slice", "convert_element_type", "split",
 ))
 _ADDS = frozenset(("add", "add_any", "sub"))
 _SUMS: dict[str, Callable[[dict, tuple], int]] = {
@@ -297,7 +302,10 @@ class Program:
           ops[1:] = ins[1:]
         elif name == "dynamic_update_slice":
           ops[2:] = ins[2:]
-        (out,) = _bind(e, ops)
+        outs = _bind(e, ops)   # exact: no rounding, no bump
+        for k, v in zip(e.outs, outs, strict=True):
+          env[k] = v
+        continue
       elif name in _ADDS:
         a, b = (v if f else const_addend(v) for v, f in zip(ins, flags, strict=True))
         out = _upper(fmt, a + b, 1, 1)
@@ -347,7 +355,8 @@ def segment_terms(fwd: Program, bwd: Program, m_in: jax.Array, bias: jax.Array,
   """Per-example repair terms of one segment (module docstring).
 
   fwd: the segment ``A_k``; bwd: its transpose; m_in: magnitude bound of the segment's
-  input (shape of the input, ``>= 0``); bias: the float ``A_k(0)``. Returns ``bias``
+  input (shape of the input, ``>= 0``); bias: the float ``A_k(0)`` (``fwd.run`` of
+  zeros). Returns ``bias``
   (flushed), ``V`` (shape of the output) and ``c`` (shape ``[B]``), the transpose
   program and the sizes used by the row sums.
   """
@@ -362,6 +371,9 @@ def segment_terms(fwd: Program, bwd: Program, m_in: jax.Array, bias: jax.Array,
   daz = fwd.abs_upper(jnp.full(jnp.shape(m_in), fmt.up(fmt.tau), dtype), bias=False,
                       kappa_gamma=g_f)
   delta = _add_up(_mul_up(fwd_abs, g_f), _clean(daz, True))
+  bias_abs = fwd.abs_upper(jnp.zeros(jnp.shape(m_in), dtype), bias=True, kappa_gamma=g_f,
+                           bump=2 * fmt.tau * (1 + g_f) / g_f, model="any")
+  delta0 = _mul_up(bias_abs, g_f)
   lin_abs = fwd.abs_upper(m_in, bias=False, kappa_gamma=g_b)
   out_shape = jnp.shape(bias)
   under = bwd.abs_upper(jnp.zeros(out_shape, dtype), bias=False, kappa_gamma=g_b,
@@ -370,7 +382,7 @@ def segment_terms(fwd: Program, bwd: Program, m_in: jax.Array, bias: jax.Array,
   n_out = math.prod(out_shape[1:])
   n_in = math.prod(jnp.shape(m_in)[1:])
   g_n, _ = dot_error(fmt, n_out)
-  v = _add_up(_add_up(_mul_up(delta, 2), tau), _mul_up(lin_abs, g_b))
+  v = _add_up(_add_up(_add_up(delta, delta0), tau), _mul_up(lin_abs, g_b))
   v = _clean(_add_up(v, _mul_up(jnp.abs(b_f), g_n)), True)
   axes = tuple(range(1, jnp.ndim(m_in)))
   c = _add_up(sum_upper(fmt, jnp.sum(under * m_in, axis=axes), n_in),

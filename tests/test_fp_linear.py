@@ -303,3 +303,41 @@ def test_float64_numpy_box_is_rounded_outward():
   for bound in (lb.linear_bounds(f, "crown_ibp", fp_sound=True), ibp(f, fp_sound=True)):
     box = bound(Interval(lo, hi))
     assert Fraction(float(box.lower[0, 0])) <= Fraction(0.1) <= Fraction(float(box.upper[0, 0]))
+
+
+def test_concatenate_and_dead_neurons_with_overflowed_bounds():
+  """Review findings: concatenate (transposed as split) is supported in fp mode, and an
+  inactive neuron whose IBP lower bound overflows to -inf does not make every bound
+  infinite (0 * inf counts as 0; the ReLU-step terms apply to unstable neurons only)."""
+  k = jax.random.split(jax.random.key(7), 3)
+  w1, w2 = jax.random.normal(k[0], (4, 6)), jax.random.normal(k[1], (8, 5))
+  w3 = jax.random.normal(k[2], (5, 3))
+
+  def f(x):
+    h = jnp.concatenate([x @ w1, jnp.full((x.shape[0], 2), 0.5, x.dtype)], axis=1)
+    return jax.nn.relu(jax.nn.relu(h) @ w2) @ w3
+
+  x = jnp.asarray(np.random.default_rng(0).uniform(size=(2, 4)).astype(F32))
+  box = input_box(x, 0.01, fp_sound=True)
+  sound = lb.linear_bounds(f, "crown", fp_sound=True)(box)
+  plain = lb.linear_bounds(f, "crown")(box)
+  with jax.enable_x64(True):
+    ref = [np.asarray(f(jnp.asarray(np.asarray(p), jnp.float64)))
+           for p in (box.lower, box.upper, box.center)]
+  assert _inside(sound, ref)
+  assert np.all(np.isfinite(np.asarray(sound.lower)))
+  assert np.mean(np.asarray(sound.upper - sound.lower)) < 1.01 * np.mean(
+      np.asarray(plain.upper - plain.lower))
+
+  big = F32(3e38)   # the first hidden neuron: always inactive, IBP lower bound -inf
+
+  def g(x):
+    h = jax.nn.relu(x @ jnp.asarray([[-big, 1.0]], jnp.float32) - jnp.asarray([big, 0.0]))
+    return h @ jnp.asarray([[1.0], [2.0]], jnp.float32) + 0.25
+
+  xb = jnp.asarray([[0.5]], jnp.float32)   # output 2 x + 0.25 in [1.23, 1.27]
+  for method in ("crown_ibp", "crown"):
+    out = lb.linear_bounds(g, method, fp_sound=True, intersect_ibp=False)(
+        input_box(xb, 0.01, fp_sound=True))
+    lo, hi = float(out.lower[0, 0]), float(out.upper[0, 0])
+    assert 1.229 < lo <= 1.23 and 1.27 <= hi < 1.271, (method, lo, hi)
