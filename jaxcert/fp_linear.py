@@ -187,7 +187,7 @@ class Program:
         flags = [not _is_lit(k) and k in data for k in e.ins]
         if not any(flags):
           invals = [k.val if _is_lit(k) else env[k] for k in e.ins]
-          for k, v in zip(e.outs, _bind(e, invals), strict=True):
+          for k, v in zip(e.outs, bind_eqn(e, invals), strict=True):
             env[k] = v
           continue
         self._check(e, flags, what)
@@ -269,7 +269,7 @@ class Program:
     for e, _ in self.eqns:
       invals = [self._val(env, k) for k in e.ins]
       con = self._contraction(e)
-      outs = con.fn([tuple(invals)]) if con is not None else _bind(e, invals)
+      outs = con.fn([tuple(invals)]) if con is not None else bind_eqn(e, invals)
       for k, v in zip(e.outs, outs, strict=True):
         env[k] = v
     return env[self.out]
@@ -302,7 +302,7 @@ class Program:
           ops[1:] = ins[1:]
         elif name == "dynamic_update_slice":
           ops[2:] = ins[2:]
-        outs = _bind(e, ops)   # exact: no rounding, no bump
+        outs = bind_eqn(e, ops)   # exact: no rounding, no bump
         for k, v in zip(e.outs, outs, strict=True):
           env[k] = v
         continue
@@ -321,7 +321,7 @@ class Program:
         out = _upper(fmt, a / c, 2, 2)
       elif name in _SUMS:
         n = _SUMS[name](e.params, _shape(e.ins[0]))
-        (r,) = _bind(e, ins)
+        (r,) = bind_eqn(e, ins)
         out = _upper(fmt, r, n + 1, 2 * n)
       else:   # dot_general / conv_general_dilated with one constant operand
         con = self._contraction(e)
@@ -338,7 +338,9 @@ class Program:
     return env[self.out]
 
 
-def _bind(eqn, invals) -> list:
+def bind_eqn(eqn, invals) -> list:
+  """Applies a flattened equation (``prim``, ``params``) to ``invals``; matrix products and
+  convolutions at ``Precision.HIGHEST``. Returns the list of outputs."""
   params = eqn.params
   if "precision" in params and eqn.prim.name in ("dot_general", "conv_general_dilated"):
     params = {**params, "precision": (lax.Precision.HIGHEST, lax.Precision.HIGHEST)}

@@ -161,16 +161,7 @@ class _Graph:
       self.eqns.append(_Eqn(eqn.primitive, eqn.params, ins, outs, is_relu=is_relu))
 
 
-def _bind(eqn: _Eqn, invals):
-  params = eqn.params
-  if "precision" in params and eqn.prim.name in ("dot_general", "conv_general_dilated"):
-    params = {**params, "precision": (lax.Precision.HIGHEST, lax.Precision.HIGHEST)}
-  bind_params = eqn.prim.get_bind_params(params)
-  subfuns = ()
-  if isinstance(bind_params, tuple):  # older JAX: (subfuns, params)
-    subfuns, bind_params = bind_params
-  out = eqn.prim.bind(*subfuns, *invals, **bind_params)
-  return out if eqn.prim.multiple_results else [out]
+_bind = fp_linear.bind_eqn
 
 
 def _bind_fast(eqn: _Eqn, invals):
