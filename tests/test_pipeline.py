@@ -242,11 +242,23 @@ def test_certify_with_crown_ibp_boxes(tmp_path):
     for k, cost in fp_res["fp_sound_cost"][kind].items():
       assert cost["plain"] == round(res["metrics"][f"cr_recall_{kind}"][k] * nq), (kind, k)
       assert cost["sound"] == round(fp_res["metrics"][f"cr_recall_{kind}"][k] * nq)
-  # scripts/compare_bounds.py: the same numbers as certify(), side by side.
-  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "scripts"))
-  import compare_bounds  # noqa: PLC0415
-  cmp = compare_bounds.compare(c, str(tmp_path), ["ibp", "crown_ibp"],
-                               fp_sound=(False, True), log=lambda s: None)
+  # scripts/compare_bounds.py: the same numbers as certify(), side by side. Its absl
+  # flags are removed afterwards (other scripts define --config too).
+  import importlib.util  # noqa: PLC0415
+
+  from absl import flags as absl_flags  # noqa: PLC0415
+  before = set(absl_flags.FLAGS)
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                      "scripts", "compare_bounds.py")
+  try:
+    spec = importlib.util.spec_from_file_location("compare_bounds", path)
+    compare_bounds = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare_bounds)
+    cmp = compare_bounds.compare(c, str(tmp_path), ["ibp", "crown_ibp"],
+                                 fp_sound=(False, True), log=lambda s: None)
+  finally:
+    for name in set(absl_flags.FLAGS) - before:
+      delattr(absl_flags.FLAGS, name)
   rows = cmp["bounds"]
   assert list(rows) == ["ibp", "ibp+fp", "crown_ibp", "crown_ibp+fp"]
   for name, ref in (("crown_ibp+fp", fp_res), ("crown_ibp", res), ("ibp", ibp_res)):
