@@ -392,6 +392,20 @@ def segment_terms(fwd: Program, bwd: Program, m_in: jax.Array, bias: jax.Array,
   return {"bias": b_f, "V": v, "c": _clean(c, True), "n_out": n_out, "n_in": n_in}
 
 
+def relu_step_terms(terms: dict, pre_lower: jax.Array, pre_upper: jax.Array,
+                    fmt: _Format) -> dict:
+  """``V_relu``, ``c_relu``: a segment's ``V``, ``c`` when its output row came from the
+  ReLU step on ``[pre_lower, pre_upper]`` (module docstring): ``+ 2 u |v|max`` and
+  ``+ 3 tau sum |v|max`` over the unstable neurons, the only ones where ``neg s``
+  rounds. Per example, computed once per segment."""
+  unstable = (pre_lower < 0) & (pre_upper > 0)
+  mag = jnp.where(unstable, jnp.maximum(-pre_lower, pre_upper), 0.0)
+  axes = tuple(range(1, mag.ndim))
+  total = sum_upper(fmt, jnp.sum(mag, axis=axes), terms["n_out"])
+  return {"V_relu": _add_up(terms["V"], _mul_up(mag, 2 * fmt.u)),
+          "c_relu": _add_up(terms["c"], _mul_up(total, 3 * fmt.tau))}
+
+
 def relaxation(pre_lower: jax.Array, pre_upper: jax.Array):
   """(a, s, t): ``a v - tau <= z' <= s v + t`` on ``[l, u]`` in exact arithmetic for the
   float ``a, s, t`` returned (``z'``: ``relu(v)`` as the next layer reads it), ``a`` in

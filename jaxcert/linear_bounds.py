@@ -473,14 +473,8 @@ def _backward_lower_fp(affine, pre, box0: Interval, m: int, lam: jax.Array, stop
   for k in range(m, stop - 1, -1):
     bias, transpose = affine[k]
     terms = fp[k]
-    v, cst = terms["V"], terms["c"]
-    if k < m:   # lam came from the ReLU step at zhat_k: its rounding (docstring)
-      unstable = (pre[k].lower < 0) & (pre[k].upper > 0)   # only there does neg s round
-      mag = jnp.where(unstable, jnp.maximum(-pre[k].lower, pre[k].upper), 0.0)
-      v = _add_up(v, _mul_up(mag, two_u))
-      axes = tuple(range(1, mag.ndim))
-      cst = _add_up(cst, _mul_up(fp_linear.sum_upper(fmt, jnp.sum(mag, axis=axes),
-                                                     terms["n_out"]), 3 * fmt.tau))
+    # k < m: lam came from the ReLU step at zhat_k, whose rounding V_relu, c_relu add.
+    v, cst = (terms["V_relu"], terms["c_relu"]) if k < m else (terms["V"], terms["c"])
     n = terms["n_out"]
     _, under = fp_linear.dot_error(fmt, n)
     c, e = accumulate(c, e, _sum_tail(lam * terms["bias"][:, None]))
@@ -604,6 +598,8 @@ def _bounds_one(net: _Network, box0: Interval, method: str, row_chunk: int,
     if k < len(fns) - 1:
       pre.append(box)
       z = _relu(box)
+      if fp_sound:
+        fp[k].update(fp_linear.relu_step_terms(fp[k], box.lower, box.upper, fmt))
   out_ibp = box
   if method == "ibp":
     return out_ibp
